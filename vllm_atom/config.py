@@ -1,0 +1,112 @@
+"""Atom quantization settings: what was chosen, and its `quantization_config` form.
+
+This module is the one place where the offline quantizer and the vLLM runtime agree on
+*what* a checkpoint holds. *How* it is laid out on disk is `vllm_atom.format`.
+Imports: standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+QUANT_METHOD = "atom"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+@dataclass(frozen=True)
+class AtomConfig:
+    """Atom W4A4 settings.
+
+    Attributes:
+        w_bits: weight bits of the normal (non-outlier) channels. Only 4.
+        a_bits: activation bits of the normal channels (dynamic, per token). Only 4.
+        group_size: channels per quantization group, for weights (per output row) and
+            activations (per token), counted in reordered channel order. Only 128.
+        n_outliers: target number of salient input channels kept in INT8 per linear
+            input. A layer whose ``K - n_outliers`` is not a multiple of ``group_size``
+            keeps fewer (see ``outliers_for``).
+        outlier_bits: bits of the outlier channels (weights and activations). Only 8.
+        a_clip: activation clip ratio: group scale = a_clip * absmax / 7.
+        w_clip: weight clip ratio: group scale = w_clip * absmax / 7.
+        kv_bits: 4 for Atom's INT4 KV cache, or None for a 16-bit cache.
+        row_shards: tensor-parallel shard count the row-parallel layers (o_proj,
+            down_proj) were reordered for; each shard has its own reorder and outliers.
+        format_version: on-disk format version (see `vllm_atom.format`).
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    group_size: int = 128
+    n_outliers: int = 128
+    outlier_bits: int = 8
+    a_clip: float = 0.9
+    w_clip: float = 0.85
+    kv_bits: int | None = 4
+    row_shards: int = 1
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(self.w_bits == 4, "w_bits", self.w_bits, "4")
+        _check(self.a_bits == 4, "a_bits", self.a_bits, "4")
+        _check(self.group_size == 128, "group_size", self.group_size, "128")
+        _check(_is_int(self.n_outliers) and 0 <= self.n_outliers and self.n_outliers % 16 == 0,
+               "n_outliers", self.n_outliers, "a non-negative multiple of 16")
+        _check(self.outlier_bits == 8, "outlier_bits", self.outlier_bits, "8")
+        for name in ("a_clip", "w_clip"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0,
+                   name, v, "a number in (0, 1]")
+        _check(self.kv_bits in (4, None), "kv_bits", self.kv_bits, "4 or null")
+        _check(_is_int(self.row_shards) and self.row_shards >= 1, "row_shards", self.row_shards,
+               "a positive integer")
+        _check(self.format_version in SUPPORTED_FORMAT_VERSIONS, "format_version",
+               self.format_version, f"one of {SUPPORTED_FORMAT_VERSIONS}")
+
+    def outliers_for(self, k: int) -> int:
+        """Outlier channels kept for a linear input of ``k`` channels.
+
+        The largest ``o <= n_outliers`` with ``(k - o) % group_size == 0``; e.g. with
+        n_outliers=128: k=4096 -> 128, k=576 -> 64, k=1536 -> 128.
+        """
+        g = self.group_size
+        o = self.n_outliers - ((self.n_outliers - k) % g)
+        if k <= 0 or o < 0 or k - o <= 0:
+            raise ValueError(
+                f"input size {k} cannot hold {self.n_outliers} outliers plus at least one group "
+                f"of {g}: need k >= {self.n_outliers % g + g} and (k - outliers) % {g} == 0")
+        return o
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` entry of config.json."""
+        d = {"quant_method": QUANT_METHOD}
+        d.update(dataclasses.asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AtomConfig":
+        """Inverse of `to_dict`. Unknown keys and wrong values raise ValueError naming the field."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"quantization_config must be a mapping, got {type(d).__name__}")
+        method = d.get("quant_method", QUANT_METHOD)
+        if str(method).lower() != QUANT_METHOD:
+            raise ValueError(f"quantization_config.quant_method: expected '{QUANT_METHOD}', got {method!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"quant_method"})
+        if unknown:
+            raise ValueError(f"quantization_config: unknown field(s) {unknown}; known: {sorted(known)}")
+        if "format_version" not in d:
+            raise ValueError("quantization_config.format_version is missing; "
+                             f"this vllm-atom reads {SUPPORTED_FORMAT_VERSIONS}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"AtomConfig.{field}: expected {expected}, got {value!r}")

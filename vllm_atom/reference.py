@@ -1,0 +1,244 @@
+"""Pure-torch reference of Atom's numerics: the oracle for every kernel and for simulation.
+
+Runs on CPU or GPU. Layouts follow `vllm_atom.format`; every function works on ONE shard
+(the whole K for column-parallel layers). Rounding is round-half-to-even (``torch.round``),
+as CUDA's ``rintf`` / ``__float2int_rn``; scales are computed in fp32 as
+``absmax * clip / 7`` (multiply, then divide), and quantized values as ``round(x / scale)``
+(IEEE division), so a kernel that does the same operations in the same order matches
+these integers exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from vllm_atom.format import pack_int4, unpack_int4
+
+INT4_MAX = 7
+INT8_MAX = 127
+KV_LEVELS = 15
+
+
+class QuantizedActivation(NamedTuple):
+    """Per-token activation quantization of one shard.
+
+    q: int8 [M, Kn] INT4 values in [-8, 7] (unpacked), slot order.
+    scale: float32 [M, Kn/G], one per (token, group).
+    q_outlier: int8 [M, O] in [-128, 127].
+    outlier_scale: float32 [M].
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    q_outlier: torch.Tensor
+    outlier_scale: torch.Tensor
+
+
+class QuantizedWeight(NamedTuple):
+    """Weights of one shard, unpacked.
+
+    q: int8 [N, Kn] in [-8, 7]; scale: float16 [N, Kn/G];
+    q_outlier: int8 [N, O]; outlier_scale: float16 [N].
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    q_outlier: torch.Tensor
+    outlier_scale: torch.Tensor
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors (one shard) in `vllm_atom.format` layout, keyed by suffix."""
+        return {
+            "qweight": pack_int4(self.q),
+            "w_scale": self.scale,
+            "w_outlier": self.q_outlier,
+            "w_outlier_scale": self.outlier_scale.reshape(-1, 1),
+        }
+
+    @classmethod
+    def from_packed(cls, t: dict[str, torch.Tensor]) -> "QuantizedWeight":
+        return cls(unpack_int4(t["qweight"]), t["w_scale"], t["w_outlier"],
+                   t["w_outlier_scale"].reshape(-1))
+
+
+def sym_scale(absmax: torch.Tensor, clip: float, qmax: int) -> torch.Tensor:
+    """fp32 scale of a symmetric grid: ``absmax * clip / qmax``."""
+    return absmax.float() * torch.tensor(clip, dtype=torch.float32) / float(qmax)
+
+
+def quantize_sym(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """round(x / scale) clamped to [-qmax-1, qmax] as int8; 0 where scale is 0.
+
+    ``scale`` broadcasts against ``x``; both are used in fp32.
+    """
+    x, scale = x.float(), scale.float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe).clamp_(-qmax - 1, qmax)
+    return torch.where(scale > 0, q, torch.zeros_like(q)).to(torch.int8)
+
+
+def _group_absmax(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.abs().float().unflatten(-1, (-1, group_size)).amax(-1)
+
+
+def quantize_activation(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
+                        group_size: int = 128, clip: float = 0.9) -> QuantizedActivation:
+    """Atom's dynamic activation quantization of one shard.
+
+    x: [M, K] float (fp16/bf16/fp32; used in fp32); reorder_index: int [K] slot -> channel.
+    Slots [0, K-O) are INT4 in groups of ``group_size`` with scale ``clip*absmax/7``;
+    slots [K-O, K) are INT8 with scale ``absmax/127`` per token.
+    """
+    m, k = x.shape
+    kn = k - n_outliers
+    if kn <= 0 or kn % group_size:
+        raise ValueError(f"K={k} minus {n_outliers} outliers is not a positive multiple of {group_size}")
+    xr = x.float().index_select(1, reorder_index.to(x.device, torch.long))
+    xn, xo = xr[:, :kn], xr[:, kn:]
+    scale = sym_scale(_group_absmax(xn, group_size), clip, INT4_MAX)
+    q = quantize_sym(xn.unflatten(1, (-1, group_size)), scale[..., None], INT4_MAX).flatten(1)
+    if n_outliers:
+        oscale = sym_scale(xo.abs().amax(1), 1.0, INT8_MAX)
+    else:
+        oscale = torch.zeros(m, dtype=torch.float32, device=x.device)
+    qo = quantize_sym(xo, oscale[:, None], INT8_MAX)
+    return QuantizedActivation(q, scale, qo, oscale)
+
+
+def weight_group_scale(w: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
+    """fp16 group scales ``fp16(clip * absmax / 7)`` of w [N, Kn] -> [N, Kn/G]."""
+    return sym_scale(_group_absmax(w, group_size), clip, INT4_MAX).to(torch.float16)
+
+
+def quantize_weight_groups(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """INT4 values of w [N, Kn] given fp16 group scales [N, Kn/G] -> int8 [N, Kn]."""
+    g = w.shape[1] // scale.shape[1]
+    return quantize_sym(w.float().unflatten(1, (-1, g)), scale.float()[..., None], INT4_MAX).flatten(1)
+
+
+def quantize_outlier_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 per-row quantization of outlier columns w [N, O] -> (int8 [N, O], fp16 scale [N])."""
+    if w.shape[1] == 0:
+        return w.to(torch.int8), torch.zeros(w.shape[0], dtype=torch.float16, device=w.device)
+    scale = sym_scale(w.abs().float().amax(1), 1.0, INT8_MAX).to(torch.float16)
+    return quantize_sym(w, scale[:, None], INT8_MAX), scale
+
+
+def quantize_weight(w: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
+                    group_size: int = 128, clip: float = 0.85) -> QuantizedWeight:
+    """Round-to-nearest Atom weight quantization of one shard (no GPTQ).
+
+    w: [N, K] float in original channel order; reorder_index: int [K].
+    """
+    wr = w.float().index_select(1, reorder_index.to(w.device, torch.long))
+    kn = w.shape[1] - n_outliers
+    scale = weight_group_scale(wr[:, :kn], group_size, clip)
+    q = quantize_weight_groups(wr[:, :kn], scale)
+    qo, oscale = quantize_outlier_weight(wr[:, kn:])
+    return QuantizedWeight(q, scale, qo, oscale)
+
+
+def dequantize_activation(a: QuantizedActivation) -> torch.Tensor:
+    """fp32 [M, K] in slot order."""
+    g = a.q.shape[1] // max(a.scale.shape[1], 1) if a.scale.shape[1] else 1
+    xn = (a.q.float().unflatten(1, (-1, g)) * a.scale[..., None]).flatten(1)
+    return torch.cat([xn, a.q_outlier.float() * a.outlier_scale[:, None]], 1)
+
+
+def dequantize_weight(w: QuantizedWeight) -> torch.Tensor:
+    """fp32 [N, K] in slot order."""
+    g = w.q.shape[1] // w.scale.shape[1]
+    wn = (w.q.float().unflatten(1, (-1, g)) * w.scale.float()[..., None]).flatten(1)
+    return torch.cat([wn, w.q_outlier.float() * w.outlier_scale.float()[:, None]], 1)
+
+
+def w4a4_linear_exact(a: QuantizedActivation, w: QuantizedWeight, bias: torch.Tensor | None = None,
+                      out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The GEMM as the kernels compute it: [M, N] in ``out_dtype``.
+
+    For each group g: an exact integer dot product over its 128 slots, then
+    ``acc += float(isum) * (sa[m, g] * sw[n, g])`` in fp32, groups in order; then the
+    INT8 outlier block the same way with the per-token and per-row scales; then bias.
+    Integer sums are exact (float64 holds them exactly).
+    """
+    g = a.q.shape[1] // a.scale.shape[1]
+    qa = a.q.double().unflatten(1, (-1, g))
+    qw = w.q.double().unflatten(1, (-1, g))
+    sw = w.scale.float()
+    acc = torch.zeros(a.q.shape[0], w.q.shape[0], dtype=torch.float32, device=a.q.device)
+    for j in range(qa.shape[1]):
+        isum = (qa[:, j] @ qw[:, j].T).float()
+        acc += isum * (a.scale[:, j, None] * sw[None, :, j])
+    if a.q_outlier.shape[1]:
+        isum = (a.q_outlier.double() @ w.q_outlier.double().T).float()
+        acc += isum * (a.outlier_scale[:, None] * w.outlier_scale.float()[None, :])
+    if bias is not None:
+        acc += bias.float()
+    return acc.to(out_dtype)
+
+
+def w4a4_linear_dequant(a: QuantizedActivation, w: QuantizedWeight, bias: torch.Tensor | None = None,
+                        out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Same result as `w4a4_linear_exact` up to fp32 rounding: dequantize, then one fp32 matmul."""
+    y = dequantize_activation(a) @ dequantize_weight(w).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def atom_linear(x: torch.Tensor, w: QuantizedWeight, reorder_index: torch.Tensor, n_outliers: int,
+                bias: torch.Tensor | None = None, group_size: int = 128, a_clip: float = 0.9,
+                exact: bool = False) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype: quantize the activation, then the W4A4 GEMM."""
+    a = quantize_activation(x, reorder_index, n_outliers, group_size, a_clip)
+    fn = w4a4_linear_exact if exact else w4a4_linear_dequant
+    return fn(a, w, bias, x.dtype)
+
+
+# ---- INT4 KV cache (per token and head, asymmetric, fp16 scale and zero) ----
+
+class QuantizedKV(NamedTuple):
+    """q: uint8 [..., D] in [0, 15] (unpacked); scale, zero: float16 [...].
+
+    Dequantized value = q * scale + zero.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def quantize_kv(x: torch.Tensor) -> QuantizedKV:
+    """Quantize x [..., D] per leading index over the last dim (one (token, head) per row).
+
+    zero = fp16(min), scale = fp16((max - min) / 15), q = clamp(round((x - zero) / scale), 0, 15),
+    all in fp32 with the fp16-rounded scale and zero; q = 0 where scale is 0.
+    """
+    xf = x.float()
+    mn, mx = xf.amin(-1), xf.amax(-1)
+    scale = ((mx - mn) / float(KV_LEVELS)).to(torch.float16)
+    zero = mn.to(torch.float16)
+    s = scale.float()[..., None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round((xf - zero.float()[..., None]) / safe).clamp_(0, KV_LEVELS)
+    q = torch.where(s > 0, q, torch.zeros_like(q)).to(torch.uint8)
+    return QuantizedKV(q, scale, zero)
+
+
+def dequantize_kv(kv: QuantizedKV) -> torch.Tensor:
+    """fp32 [..., D]."""
+    return kv.q.float() * kv.scale.float()[..., None] + kv.zero.float()[..., None]
+
+
+def fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """x -> dequantize_kv(quantize_kv(x)) in x.dtype."""
+    return dequantize_kv(quantize_kv(x)).to(x.dtype)
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of x against ref, in dB."""
+    ref, x = ref.double(), x.double()
+    noise = (ref - x).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))

@@ -1,0 +1,83 @@
+"""`AtomQuantConfig`: the ``atom`` quantization method as vLLM sees it.
+
+Importing this module registers the method with vLLM (``@register_quantization_config``),
+so a spawned engine or worker process that unpickles an `AtomQuantConfig` has it
+registered even before its own plugin loading runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+
+from vllm_atom.config import QUANT_METHOD, AtomConfig
+from vllm_atom.format import is_quantized_linear
+
+
+_NOT_ATOM = (
+    "--quantization atom needs an Atom checkpoint, but {model} has no "
+    "quantization_config with quant_method 'atom' in its config.json. Create one with "
+    "`vllm-atom quantize MODEL_DIR OUT_DIR --calib-text FILE` and serve OUT_DIR.")
+
+
+@register_quantization_config(QUANT_METHOD)
+class AtomQuantConfig(QuantizationConfig):
+    """Wraps an `AtomConfig` read from config.json's ``quantization_config``."""
+
+    def __init__(self, atom: AtomConfig | None = None) -> None:
+        super().__init__()
+        self.atom = atom if atom is not None else AtomConfig()
+        self._from_checkpoint = atom is not None
+
+    def __repr__(self) -> str:
+        return f"AtomQuantConfig({self.atom})"
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # sm_80 / sm_89: native INT4 mma; sm_90: INT4 unpacked to INT8 mma
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # Empty: vLLM then reads config.json's quantization_config, or, when the
+        # checkpoint has none, calls AtomQuantConfig() -> get_quant_method explains.
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "AtomQuantConfig":
+        return cls(AtomConfig.from_dict(config))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+        if str(hf_quant_cfg.get("quant_method", "")).lower() == QUANT_METHOD:
+            return QUANT_METHOD
+        return None
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        # vLLM builds AtomQuantConfig() with no arguments when the user asked for
+        # --quantization atom on a model whose config.json has no quantization_config.
+        if not self._from_checkpoint:
+            raise ValueError(_NOT_ATOM.format(model=model_name))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, lm_head and attention stay 16-bit here
+        if not self._from_checkpoint:
+            raise ValueError(_NOT_ATOM.format(model="this model"))
+        if not is_quantized_linear(prefix):
+            return UnquantizedLinearMethod()
+        from vllm_atom.serve.linear import AtomLinearMethod
+
+        return AtomLinearMethod(self.atom)
