@@ -63,9 +63,15 @@ class QuantizedWeight(NamedTuple):
                    t["w_outlier_scale"].reshape(-1))
 
 
+def ieee_div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b with IEEE division on every device (torch's CUDA kernel turns division by a
+    Python scalar into multiplication by its reciprocal, which differs in the last bit)."""
+    return a / torch.full_like(a, b)
+
+
 def sym_scale(absmax: torch.Tensor, clip: float, qmax: int) -> torch.Tensor:
     """fp32 scale of a symmetric grid: ``absmax * clip / qmax``."""
-    return absmax.float() * torch.tensor(clip, dtype=torch.float32) / float(qmax)
+    return ieee_div(absmax.float() * torch.tensor(clip, dtype=torch.float32), float(qmax))
 
 
 def quantize_sym(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -218,7 +224,7 @@ def quantize_kv(x: torch.Tensor) -> QuantizedKV:
     """
     xf = x.float()
     mn, mx = xf.amin(-1), xf.amax(-1)
-    scale = ((mx - mn) / float(KV_LEVELS)).to(torch.float16)
+    scale = ieee_div(mx - mn, float(KV_LEVELS)).to(torch.float16)
     zero = mn.to(torch.float16)
     s = scale.float()[..., None]
     safe = torch.where(s > 0, s, torch.ones_like(s))

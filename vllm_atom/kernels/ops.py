@@ -32,3 +32,102 @@ def atom_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
 @atom_linear.register_fake
 def _(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+# ---- Kernel-level ops: activation quantization (plain, fused with RMSNorm, fused with SiLU·up)
+# into the GEMM's layout (`vllm_atom.kernels.layout`), and the GEMM on quantized activations.
+
+def _quantized(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int, a_clip: float):
+    from vllm_atom.kernels import layout
+
+    a = reference.quantize_activation(x, reorder_index, n_outliers, layout.GROUP, a_clip)
+    return layout.pack_activation(a)
+
+
+def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int):
+    from vllm_atom.kernels import layout
+
+    _, ka, steps = layout.sizes(k, n_outliers)
+    m = x.shape[0]
+    return x.new_empty((m, ka), dtype=torch.int8), x.new_empty((steps, m), dtype=torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """vLLM's RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x.dtype, times weight."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """vLLM's SiluAndMul: silu(x[:, :d]) * x[:, d:] in x.dtype."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+@torch.library.custom_op("vllm_atom::quantize_act", mutates_args=(), device_types="cpu")
+def quantize_act(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
+                 a_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (qa int8 [M, KA], sa fp32 [steps, M]) in the kernel layout."""
+    return _quantized(x, reorder_index, n_outliers, a_clip)
+
+
+@quantize_act.register_fake
+def _(x, reorder_index, n_outliers, a_clip):
+    return _quantized_fake(x, x.shape[1], n_outliers)
+
+
+@torch.library.custom_op("vllm_atom::rmsnorm_quantize_act", mutates_args=(), device_types="cpu")
+def rmsnorm_quantize_act(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, reorder_index: torch.Tensor,
+                         n_outliers: int, a_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act(rms_norm(x, norm_weight, eps), ...)."""
+    return _quantized(rms_norm(x, norm_weight, eps), reorder_index, n_outliers, a_clip)
+
+
+@rmsnorm_quantize_act.register_fake
+def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip):
+    return _quantized_fake(x, x.shape[1], n_outliers)
+
+
+@torch.library.custom_op("vllm_atom::silu_mul_quantize_act", mutates_args=(), device_types="cpu")
+def silu_mul_quantize_act(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
+                          a_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act(silu_mul(x), ...) for x = [gate | up] of shape [M, 2K]."""
+    return _quantized(silu_mul(x), reorder_index, n_outliers, a_clip)
+
+
+@silu_mul_quantize_act.register_fake
+def _(x, reorder_index, n_outliers, a_clip):
+    return _quantized_fake(x, x.shape[1] // 2, n_outliers)
+
+
+@torch.library.custom_op("vllm_atom::w4a4_gemm", mutates_args=(), device_types="cpu")
+def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+              w_outlier: torch.Tensor, w_outlier_scale: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """[M, N] = the Atom GEMM of kernel-layout activations (from the quantize ops) and packed weights."""
+    from vllm_atom.kernels import layout
+
+    o = w_outlier.shape[1]
+    a = layout.unpack_activation(qa, sa, 2 * qweight.shape[1] + o, o)
+    w = reference.QuantizedWeight.from_packed(
+        {"qweight": qweight, "w_scale": w_scale, "w_outlier": w_outlier, "w_outlier_scale": w_outlier_scale})
+    return reference.w4a4_linear_exact(a, w, bias, out_dtype)
+
+
+@w4a4_gemm.register_fake
+def _(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
+    return qa.new_empty((qa.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+def prepare_atom_linear(qweight: torch.Tensor, w_scale: torch.Tensor, w_outlier: torch.Tensor,
+                        w_outlier_scale: torch.Tensor, reorder_index: torch.Tensor, dtype: torch.dtype) -> None:
+    """Check one linear's tensors against what the kernels support and, on a GPU, compile its
+    kernels now (before any CUDA-graph capture). Raises ValueError when unsupported."""
+    if qweight.is_cuda:
+        from vllm_atom.kernels import cuda_ops
+
+        cuda_ops.prepare(qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, dtype)
+
+
+if torch.cuda.is_available():
+    from vllm_atom.kernels import cuda_ops  # noqa: E402,F401  (registers the CUDA kernels)

@@ -92,6 +92,7 @@ class AtomLinearMethod(LinearMethodBase):
             param = BasevLLMParameter(data=reorder, weight_loader=loader)
         layer.register_parameter(REORDER_INDEX, param)
         layer.atom_layout = lay
+        layer.atom_act_dtype = params_dtype
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         lay: LinearLayout = layer.atom_layout
@@ -108,6 +109,11 @@ class AtomLinearMethod(LinearMethodBase):
             data = getattr(layer, name).data
             delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
+        try:  # checks the kernels support this layer and compiles them before graph capture
+            ops.prepare_atom_linear(layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
+                                    layer.reorder_index, layer.atom_act_dtype)
+        except ValueError as e:
+            raise ValueError(f"{prefix}: {e}") from e
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,161 @@
+// act_quant.cu -- Atom per-token activation quantization, in the layout w4a4_gemm.cu reads.
+//
+// Tensor contract (one shard; K = Kn + O channels, G = Kn/128 groups, O32 = O rounded up to 32,
+// KA = Kn + O32; T = bf16 if DTYPE_BF16 else fp16, rows contiguous and 16-byte aligned):
+//   x        T     [M, K]   (act_quant, rmsnorm_act_quant)  or  [M, 2K] = gate | up (silu_mul_act_quant)
+//   norm_w   T     [K]      RMSNorm weight (rmsnorm_act_quant only)
+//   reorder  int32 [K]      slot j reads channel reorder[j]; slots >= Kn are the INT8 outliers
+//   qa       int8  [M, KA]  out. Bytes [g*128, g*128+128) hold group g's INT4 values (one per
+//                           byte, in [-8, 7]) permuted inside each 32-slot chunk: byte 4t+i+16h
+//                           holds slot 8t+2i+h (t, i < 4; h < 2), the order in which the GEMM's
+//                           nibble unpack feeds mma.m16n8k32. Bytes [Kn, KA) hold the outliers in
+//                           slot order, zero past O.
+//   sa       fp32  [G+(O>0), M]  out. sa[g, m] = a_clip*absmax/7 of group g; row G = absmax/127.
+// Numerics are those of vllm_atom.reference.quantize_activation, operation for operation
+// (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
+// Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
+// steps [y*steps_per_cta, (y+1)*steps_per_cta) of row blockIdx.x (a step = a group or the outliers).
+#include "common.cuh"
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ int quant(float v, float scale, float lo, float hi) {
+  return scale > 0.0f ? (int)fminf(fmaxf(rintf(__fdiv_rn(v, scale)), lo), hi) : 0;
+}
+
+__device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
+  return (u32)(a & 0xff) | ((u32)(b & 0xff) << 8) | ((u32)(c & 0xff) << 16) | ((u32)(d & 0xff) << 24);
+}
+
+union Vec8 {
+  uint4 v;
+  u16 h[8];
+};
+
+// Gather, quantize and store the steps of this CTA from the staged row (T values in smem).
+__device__ __forceinline__ void quantize_row(const u16* row, const int* __restrict__ reorder,
+                                             int Kn, int O, float clip, i8* __restrict__ qa,
+                                             float* __restrict__ sa, int M, int steps_per_cta) {
+  const int m = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int G = Kn / 128, steps = G + (O > 0), KA = Kn + ((O + 31) & ~31);
+  const int s_end = min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
+  i8* out = qa + (size_t)m * KA;
+  for (int s = blockIdx.y * steps_per_cta + warp; s < s_end; s += WARPS) {
+    float v[4];
+    if (s < G) {
+      // byte p = 4*lane + i of this group holds slot 32c + 8t + 2i + h.
+      const int c = lane >> 3, t = lane & 3, h = (lane >> 2) & 1;
+      const int base = s * 128 + c * 32 + 8 * t + h;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = to_float(row[reorder[base + 2 * i]]);
+      float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
+      const float scale = __fdiv_rn(__fmul_rn(amax, clip), 7.0f);
+      *(u32*)(out + s * 128 + 4 * lane) =
+          pack4(quant(v[0], scale, -8.f, 7.f), quant(v[1], scale, -8.f, 7.f),
+                quant(v[2], scale, -8.f, 7.f), quant(v[3], scale, -8.f, 7.f));
+      if (lane == 0) sa[(size_t)s * M + m] = scale;
+    } else {
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int p = 4 * lane + i;
+        v[i] = p < O ? to_float(row[reorder[Kn + p]]) : 0.0f;
+        amax = fmaxf(amax, fabsf(v[i]));
+      }
+      amax = warp_max(amax);
+      const float scale = __fdiv_rn(amax, 127.0f);
+      if (4 * lane < ((O + 31) & ~31))
+        *(u32*)(out + Kn + 4 * lane) =
+            pack4(quant(v[0], scale, -128.f, 127.f), quant(v[1], scale, -128.f, 127.f),
+                  quant(v[2], scale, -128.f, 127.f), quant(v[3], scale, -128.f, 127.f));
+      if (lane == 0) sa[(size_t)s * M + m] = scale;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int Kn, int O,
+          float clip, i8* __restrict__ qa, float* __restrict__ sa, int M, int steps_per_cta) {
+  extern __shared__ __align__(16) u16 row[];
+  const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
+  for (int i = threadIdx.x; i < K / 8; i += THREADS) ((uint4*)row)[i] = src[i];
+  __syncthreads();
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, M, steps_per_cta);
+}
+
+// y = T(T(x * rsqrt(mean(x^2) + eps)) * w), as vLLM's RMSNorm, then quantize y.
+extern "C" __global__ void __launch_bounds__(THREADS)
+rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, float eps,
+                  const int* __restrict__ reorder, int K, int Kn, int O, float clip,
+                  i8* __restrict__ qa, float* __restrict__ sa, int M, int steps_per_cta) {
+  extern __shared__ __align__(16) u16 row[];
+  __shared__ float partial[WARPS];
+  const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < K / 8; i += THREADS) {
+    Vec8 d;
+    d.v = src[i];
+    ((uint4*)row)[i] = d.v;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float f = to_float(d.h[j]);
+      ss += f * f;
+    }
+  }
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += partial[w];
+  const float rs = rsqrtf(total / (float)K + eps);
+  const uint4* wv = (const uint4*)norm_w;
+  for (int i = threadIdx.x; i < K / 8; i += THREADS) {
+    Vec8 d, w;
+    d.v = ((uint4*)row)[i];
+    w.v = wv[i];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      d.h[j] = from_float(to_float(from_float(to_float(d.h[j]) * rs)) * to_float(w.h[j]));
+    ((uint4*)row)[i] = d.v;
+  }
+  __syncthreads();
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, M, steps_per_cta);
+}
+
+// y = T(T(silu(gate)) * up), as vLLM's SiluAndMul, then quantize y. x is [M, 2K].
+extern "C" __global__ void __launch_bounds__(THREADS)
+silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int Kn,
+                   int O, float clip, i8* __restrict__ qa, float* __restrict__ sa, int M,
+                   int steps_per_cta) {
+  extern __shared__ __align__(16) u16 row[];
+  const uint4* gate = (const uint4*)(x + (size_t)blockIdx.x * 2 * K);
+  const uint4* up = gate + K / 8;
+  for (int i = threadIdx.x; i < K / 8; i += THREADS) {
+    Vec8 g, u;
+    g.v = gate[i];
+    u.v = up[i];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float gf = to_float(g.h[j]);
+      const float act = to_float(from_float(gf / (1.0f + expf(-gf))));
+      g.h[j] = from_float(act * to_float(u.h[j]));
+    }
+    ((uint4*)row)[i] = g.v;
+  }
+  __syncthreads();
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, M, steps_per_cta);
+}

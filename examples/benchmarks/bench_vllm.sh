@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# vLLM's own benchmarks, unchanged, on a Llama-2-7B-shaped model with dummy weights:
+# Atom W4A4 (--load-format dummy fills valid random quantized weights) against BF16 and
+# FP8 W8A8 in the same run. Usage: bash examples/benchmarks/bench_vllm.sh OUT_DIR [TOKENIZER_DIR]
+# Writes OUT_DIR/vllm-{throughput,latency}-{bf16,fp8,atom}.json and prints one line each.
+set -uo pipefail
+OUT=${1:-/tmp/atom-out}; TOK=${2:-/tmp/atom-tiny-tokenizer}
+NPROMPTS=${NPROMPTS:-300}; IN=${IN_LEN:-512}; OUTLEN=${OUT_LEN:-256}; UTIL=${UTIL:-0.3}
+mkdir -p "$OUT"
+[ -f "$TOK/tokenizer.json" ] || python3 .devbundle/make_tiny_llama.py "$TOK" --hidden 128 --layers 1 \
+    --heads 2 --kv-heads 2 --intermediate 256 >/dev/null
+make_model() {  # make_model DIR WITH_ATOM
+    mkdir -p "$1"; cp "$TOK"/tokenizer* "$TOK"/special_tokens_map.json "$1"/ 2>/dev/null
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+       "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+       "num_hidden_layers": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+       "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float16", "tie_word_embeddings": False}
+if sys.argv[2] == "1":
+    from vllm_atom.config import AtomConfig
+    cfg["quantization_config"] = AtomConfig(kv_bits=None).to_dict()
+json.dump(cfg, open(sys.argv[1] + "/config.json", "w"))
+PY
+}
+make_model /tmp/llama2-7b-shape 0
+make_model /tmp/llama2-7b-atom 1
+common=(--load-format dummy --dtype float16 --max-model-len 2048 --gpu-memory-utilization "$UTIL")
+run() {  # run NAME MODEL [extra args]
+    local name=$1 model=$2; shift 2
+    vllm bench throughput --model "$model" "${common[@]}" "$@" --dataset-name random \
+        --random-input-len "$IN" --random-output-len "$OUTLEN" --num-prompts "$NPROMPTS" \
+        --output-json "$OUT/vllm-throughput-$name.json" > "$OUT/vllm-throughput-$name.log" 2>&1
+    vllm bench latency --model "$model" "${common[@]}" "$@" --input-len 128 --output-len 128 \
+        --batch-size 1 --num-iters-warmup 3 --num-iters 10 \
+        --output-json "$OUT/vllm-latency-$name.json" > "$OUT/vllm-latency-$name.log" 2>&1
+    python3 - "$OUT" "$name" <<'PY'
+import json, sys, os
+out, name = sys.argv[1:]
+t = os.path.join(out, f"vllm-throughput-{name}.json"); l = os.path.join(out, f"vllm-latency-{name}.json")
+tp = json.load(open(t))["tokens_per_second"] if os.path.exists(t) else float("nan")
+lat = json.load(open(l))["avg_latency"] if os.path.exists(l) else float("nan")
+print(f"vllm_bench {name:5s} throughput {tp:9.0f} tok/s   latency(b=1, 128+128) {lat:6.3f} s")
+PY
+}
+run bf16 /tmp/llama2-7b-shape
+run fp8 /tmp/llama2-7b-shape --quantization fp8 --kv-cache-dtype fp8
+run atom /tmp/llama2-7b-atom

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU suite in one call of the device tool, from the repo root, with .devbundle carried:
+#     bash tests/gpu/run.sh [STEPS]      STEPS: comma list of kernels,e2e,gemm,vllm_bench (default: all)
+# Sets up the device bundle's vLLM and makes the plugin an installed distribution (vLLM finds
+# plugins through entry points in every process), runs each step, and prints a short table.
+# Logs and JSON land in $OUT (the device tool brings them back).
+set -uo pipefail
+STEPS=${1:-kernels,e2e,gemm,vllm_bench}
+export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
+source .devbundle/vllm_env.sh || exit 1
+mkdir -p /tmp/plug/vllm_atom-0.dist-info
+printf 'Metadata-Version: 2.1\nName: vllm-atom\nVersion: 0\n' > /tmp/plug/vllm_atom-0.dist-info/METADATA
+printf '[vllm.general_plugins]\natom = vllm_atom.plugin:register\n' > /tmp/plug/vllm_atom-0.dist-info/entry_points.txt
+export PYTHONPATH=$PWD:/tmp/plug:$PYTHONPATH
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+
+summary=()
+step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record status and time
+    local name=$1; shift
+    local t0=$(date +%s)
+    echo "=== $name: $*"
+    "$@" > >(tee "$OUT/$name.log") 2>&1
+    local rc=$?
+    summary+=("$(printf '%-12s rc=%-3s %5ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" \
+        "$(grep -E '(passed|failed|error)' "$OUT/$name.log" | tail -1 | cut -c1-80)")")
+}
+
+[[ $STEPS == *kernels* ]] && step kernels python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py
+[[ $STEPS == *e2e* ]] && step e2e python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_vllm_e2e.py
+[[ $STEPS == *gemm* ]] && step gemm python3 examples/benchmarks/bench_gemm.py --out "$OUT"
+[[ $STEPS == *vllm_bench* ]] && step vllm_bench bash examples/benchmarks/bench_vllm.sh "$OUT"
+
+echo; echo "=== summary ($(cat "$OUT/device.txt"), commit $(cat "$OUT/commit.txt" 2>/dev/null))"
+printf '%s\n' "${summary[@]}"
+for f in "$OUT"/e2e-*.json; do [ -f "$f" ] && cat "$f" && echo; done

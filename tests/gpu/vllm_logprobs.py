@@ -1,0 +1,51 @@
+"""Prompt logprobs of token windows through vLLM (run in its own process by the GPU tests).
+
+    python tests/gpu/vllm_logprobs.py CKPT IDS.json OUT.json [--enforce-eager] [--kv-cache-dtype D]
+
+IDS.json: a list of token-id lists. OUT.json: per window, for positions 1.., the logprob
+vLLM gives the actual next token and vLLM's own top-1 token id, plus the run's settings.
+CUDA graphs and torch.compile stay on (vLLM's defaults) unless --enforce-eager.
+"""
+
+import argparse
+import json
+import time
+
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("ids")
+    ap.add_argument("out")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    args = ap.parse_args()
+
+    windows = json.load(open(args.ids))
+    t0 = time.time()
+    llm = LLM(model=args.ckpt, dtype=args.dtype, max_model_len=max(len(w) for w in windows) + 16,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=False, seed=0)
+    load_s = time.time() - t0
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    t0 = time.time()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    gen_s = time.time() - t0
+    result = {"settings": vars(args), "load_s": load_s, "generate_s": gen_s, "windows": []}
+    for w, out in zip(windows, outs):
+        lp, top1 = [], []
+        for pos, d in enumerate(out.prompt_logprobs[1:], start=1):
+            lp.append(d[w[pos]].logprob)
+            top1.append(next(t for t, v in d.items() if v.rank == 1))
+        result["windows"].append({"logprob": lp, "top1": top1})
+    json.dump(result, open(args.out, "w"))
+    print(f"vllm_logprobs: {len(windows)} windows, load {load_s:.0f} s, generate {gen_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

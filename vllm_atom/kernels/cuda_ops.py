@@ -1,0 +1,216 @@
+"""CUDA implementations of the ``vllm_atom`` ops: the kernels in ``cuda/`` via `_loader`.
+
+Every wrapper validates its inputs, allocates outputs with ``torch.empty`` and launches on
+torch's current stream, so the ops can be captured in CUDA graphs once `prepare` (or a first
+call) has compiled the kernels. Imported by `vllm_atom.kernels.ops` only when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from vllm_atom.kernels import _loader, layout, ops
+
+ACT_THREADS = 256
+# name: (BM, BN, WARPS_M, WARPS_N, STAGES, MIN_BLOCKS); picked by M (see _gemm_config).
+GEMM_CONFIGS = {
+    "small": (16, 128, 1, 4, 8, 2),
+    "medium": (64, 128, 2, 4, 4, 1),
+    "large": (128, 128, 2, 4, 4, 1),
+}
+N_COUNTERS = 1 << 14
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _version_problem() -> str | None:
+    import cupy
+
+    cupy_major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+    torch_major = int((torch.version.cuda or "0").split(".")[0])
+    if cupy_major != torch_major:
+        return (f"CuPy is built for CUDA {cupy_major} but torch for CUDA {torch.version.cuda}: "
+                f"install cupy-cuda{torch_major}x")
+    return None
+
+
+@functools.cache
+def _check_device(index: int) -> int:
+    """Multiprocessor count of device ``index``; raises when the kernels cannot run there."""
+    problem = _version_problem()
+    if problem:
+        raise RuntimeError(problem)
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        raise ValueError(f"Atom kernels need compute capability 8.0 or newer, device {index} is {major}.{minor}")
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _counters(index: int) -> torch.Tensor:
+    return torch.zeros(N_COUNTERS, dtype=torch.int32, device=f"cuda:{index}")
+
+
+def _dtype_define(dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+    if dtype not in _DTYPES:
+        raise ValueError(f"Atom kernels take bfloat16 or float16 activations, got {dtype}")
+    return (("DTYPE_BF16", int(dtype == torch.bfloat16)),)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+# ---- activation quantization ----
+
+def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n_outliers: int,
+              a_clip: float, extra: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be 2-D, got {list(x.shape)}")
+    if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
+        raise ValueError(f"{name}: reorder_index must be int32 [{k}], got {reorder_index.dtype} {list(reorder_index.shape)}")
+    kn, ka, steps = layout.sizes(k, n_outliers)
+    dev = x.device.index
+    sms = _check_device(dev)
+    m = x.shape[0]
+    qa = torch.empty((m, ka), dtype=torch.int8, device=x.device)
+    sa = torch.empty((steps, m), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return qa, sa
+    # Few rows: spread each row's steps over several CTAs so the chip is used.
+    ctas = max(1, min(math.ceil(2 * sms / m), math.ceil(steps / (ACT_THREADS // 32))))
+    per_cta = math.ceil(steps / ctas)
+    smem = 2 * k
+    fn = _loader.kernel("act_quant.cu", name, _dtype_define(x.dtype), dev)
+    _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (ACT_THREADS, 1, 1),
+                   (_aligned(x).data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
+                    np.int32(kn), np.int32(n_outliers), np.float32(a_clip), qa.data_ptr(), sa.data_ptr(),
+                    np.int32(m), np.int32(per_cta)), smem, dev)
+    return qa, sa
+
+
+@ops.quantize_act.register_kernel("cuda")
+def _(x, reorder_index, n_outliers, a_clip):
+    return _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip)
+
+
+@ops.rmsnorm_quantize_act.register_kernel("cuda")
+def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip):
+    k = x.shape[-1]
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"rmsnorm_quantize_act: norm_weight must be {x.dtype} [{k}]")
+    return _quantize("rmsnorm_act_quant", x, k, reorder_index, n_outliers, a_clip,
+                     (_aligned(norm_weight).data_ptr(), np.float32(eps)))
+
+
+@ops.silu_mul_quantize_act.register_kernel("cuda")
+def _(x, reorder_index, n_outliers, a_clip):
+    return _quantize("silu_mul_act_quant", x, x.shape[-1] // 2, reorder_index, n_outliers, a_clip)
+
+
+# ---- GEMM ----
+
+def _gemm_config(m: int) -> str:
+    return "small" if m <= 16 else "medium" if m <= 64 else "large"
+
+
+def _check_weights(qweight, w_scale, w_outlier, w_outlier_scale) -> tuple[int, int, int]:
+    """(N, Kn, O) of packed weights in `vllm_atom.format` layout; ValueError if not supported."""
+    n, half_kn = qweight.shape
+    kn = 2 * half_kn
+    o = w_outlier.shape[1]
+    layout.sizes(kn + o, o)
+    want = {"qweight": (qweight, torch.uint8, (n, half_kn)),
+            "w_scale": (w_scale, torch.float16, (n, kn // layout.GROUP)),
+            "w_outlier": (w_outlier, torch.int8, (n, o)),
+            "w_outlier_scale": (w_outlier_scale, torch.float16, (n, 1))}
+    for name, (t, dtype, shape) in want.items():
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.data_ptr() % 16:
+            raise ValueError(f"{name}: expected contiguous 16-byte aligned {dtype} {list(shape)}, "
+                             f"got {t.dtype} {list(t.shape)}")
+    if n % 8:
+        raise ValueError(f"Atom kernels need N a multiple of 8, got N={n}")
+    return n, kn, o
+
+
+def _gemm_defines(cfg: str, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+    names = ("BM", "BN", "WARPS_M", "WARPS_N", "STAGES", "MIN_BLOCKS")
+    return tuple(zip(names, GEMM_CONFIGS[cfg])) + _dtype_define(dtype)
+
+
+def gemm_plan(m: int, n: int, groups: int, sms: int) -> tuple[str, int, int]:
+    """(config, splits, groups per split): the tile config for M, and a split-K factor that
+    brings the CTA count up to about one wave when the tiles alone are fewer, with at least
+    two groups per split."""
+    cfg = _gemm_config(m)
+    bm, bn, *_, min_blocks = GEMM_CONFIGS[cfg]
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    target = sms * min_blocks
+    splits = 1
+    if tiles < target and tiles <= N_COUNTERS:
+        splits = max(1, min(target // tiles, groups // 2, 32))
+    per_split = math.ceil(groups / splits)
+    return cfg, math.ceil(groups / per_split), per_split
+
+
+def _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
+    n, kn, o = _check_weights(qweight, w_scale, w_outlier, w_outlier_scale)
+    _, ka, steps = layout.sizes(kn + o, o)
+    m = qa.shape[0]
+    if qa.dtype != torch.int8 or qa.shape != (m, ka) or sa.shape != (steps, m) or sa.dtype != torch.float32:
+        raise ValueError(f"w4a4_gemm: expected qa int8 [M, {ka}] and sa fp32 [{steps}, M], "
+                         f"got {qa.dtype} {list(qa.shape)}, {sa.dtype} {list(sa.shape)}")
+    dev = qa.device.index
+    sms = _check_device(dev)
+    out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if m == 0:
+        return out
+    if bias is not None:
+        bias = bias.to(out_dtype).contiguous()
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    cfg, splits, per_split = gemm_plan(m, n, kn // layout.GROUP, sms)
+    bm, bn, wm, wn, stages, _ = GEMM_CONFIGS[cfg]
+    tiles_m, tiles_n = math.ceil(m / bm), math.ceil(n / bn)
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=qa.device) if splits > 1 else out
+    smem = stages * (bm * 128 + bn * 64)
+    defines = _gemm_defines(cfg, out_dtype)
+    fn = _loader.kernel("w4a4_gemm.cu", "w4a4_gemm", defines, dev)
+    _loader.launch(fn, (tiles_m * tiles_n, splits, 1), (32 * wm * wn, 1, 1),
+                   (qa.contiguous().data_ptr(), sa.contiguous().data_ptr(), qweight.data_ptr(), w_scale.data_ptr(),
+                    w_outlier.data_ptr(), w_outlier_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    out.data_ptr(), ws.data_ptr(), _counters(dev).data_ptr(), np.int32(m), np.int32(n),
+                    np.int32(kn), np.int32(o), np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)),
+                   smem, dev)
+    return out
+
+
+@ops.w4a4_gemm.register_kernel("cuda")
+def _(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
+    return _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype)
+
+
+@ops.atom_linear.register_kernel("cuda")
+def _(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip):
+    o = w_outlier.shape[1]
+    qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, o, a_clip)
+    return _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, x.dtype)
+
+
+def prepare(qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, dtype) -> None:
+    """Validate one linear for the kernels and compile everything it can launch (all M)."""
+    n, kn, o = _check_weights(qweight, w_scale, w_outlier, w_outlier_scale)
+    if reorder_index.shape != (kn + o,) or reorder_index.dtype != torch.int32:
+        raise ValueError(f"reorder_index must be int32 [{kn + o}], got {reorder_index.dtype} {list(reorder_index.shape)}")
+    dev = qweight.device.index
+    _check_device(dev)
+    _counters(dev)
+    for name in ("act_quant", "rmsnorm_act_quant", "silu_mul_act_quant"):
+        _loader.kernel("act_quant.cu", name, _dtype_define(dtype), dev)
+    for cfg in GEMM_CONFIGS:
+        defines = _gemm_defines(cfg, dtype)
+        _loader.kernel("w4a4_gemm.cu", "w4a4_gemm", defines, dev)
