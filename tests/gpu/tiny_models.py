@@ -28,7 +28,8 @@ def stdlib_text(out_path: str, first: int, count: int) -> str:
 
 def make_tiny(out: str, tokenizer_dir: str, arch: str = "llama", hidden: int = 512, layers: int = 4,
               heads: int = 8, kv_heads: int = 4, intermediate: int = 1536, outlier_channels: int = 6,
-              outlier_gain: float = 25.0, logit_gain: float = 8.0, seed: int = 0) -> str:
+              outlier_gain: float = 25.0, logit_gain: float = 8.0, branch_gain: float = 1.0,
+              qk_gain: float = 1.0, emb_gain: float = 1.0, seed: int = 0) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if os.path.exists(os.path.join(out, "model.safetensors")):
@@ -53,7 +54,12 @@ def make_tiny(out: str, tokenizer_dir: str, arch: str = "llama", hidden: int = 5
         for layer in model.model.layers:
             layer.input_layernorm.weight[ch] *= outlier_gain
             layer.post_attention_layernorm.weight[ch] *= outlier_gain
+            layer.self_attn.q_proj.weight *= qk_gain
+            layer.self_attn.k_proj.weight *= qk_gain
+            layer.self_attn.o_proj.weight *= branch_gain
+            layer.mlp.down_proj.weight *= branch_gain
         model.lm_head.weight *= logit_gain
+        model.model.embed_tokens.weight *= emb_gain
     model = model.to(torch.float16)
     model.config.dtype = torch.float16
     os.makedirs(out, exist_ok=True)

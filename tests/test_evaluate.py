@@ -1,0 +1,112 @@
+"""Simulated evaluation: a saved checkpoint run through `vllm_atom.reference` (exact
+kernel-order GEMM) gives the logits of the simulated eval; ladder bookkeeping."""
+
+import torch
+from torch import nn
+
+from vllm_atom import reference as ref
+from vllm_atom.config import AtomConfig
+from vllm_atom.evaluate import SimModel, checkpoint_states, evaluate, load_model
+from vllm_atom.format import QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, linear_layout
+from vllm_atom.quantize import QuantizeOptions, quantize
+from vllm_atom.quantize.checkpoint import load_checkpoint
+from vllm_atom.quantize.pipeline import LINEAR_PATHS
+
+from test_quantize import make_tiny  # noqa: E402  (tests/ is on sys.path under pytest)
+
+OPTS = QuantizeOptions(nsamples=4, seqlen=128)
+
+
+class RefLinear(nn.Module):
+    """A quantized linear straight from checkpoint tensors, through reference.atom_linear."""
+
+    def __init__(self, t: dict, name: str, k: int, n: int, cfg: AtomConfig, shards: int, dtype):
+        super().__init__()
+        self.lay = linear_layout(k, n, cfg, shards)
+        self.t = {s: t[f"{name}.{s}"] for s in ("qweight", "w_scale", "w_outlier", "w_outlier_scale",
+                                                  "reorder_index")}
+        self.bias = t.get(f"{name}.bias")
+        self.cfg, self.dtype = cfg, dtype
+
+    def forward(self, x):
+        lay, t = self.lay, self.t
+        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        y = 0
+        for s in range(lay.shards):
+            w = ref.QuantizedWeight.from_packed({
+                "qweight": t["qweight"][:, s * lay.k_normal // 2:(s + 1) * lay.k_normal // 2],
+                "w_scale": t["w_scale"][:, s * lay.n_groups:(s + 1) * lay.n_groups],
+                "w_outlier": t["w_outlier"][:, s * lay.n_outliers:(s + 1) * lay.n_outliers],
+                "w_outlier_scale": t["w_outlier_scale"][:, s:s + 1]})
+            xs = x2[:, s * lay.k_shard:(s + 1) * lay.k_shard]
+            idx = t["reorder_index"][s * lay.k_shard:(s + 1) * lay.k_shard]
+            a = ref.quantize_activation(xs, idx, lay.n_outliers, self.cfg.group_size, self.cfg.a_clip)
+            y = y + ref.w4a4_linear_exact(a, w, None, torch.float32)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(self.dtype).float().reshape(*x.shape[:-1], -1)
+
+
+def _reference_model(ckpt):
+    cfg, _, t = load_checkpoint(ckpt)
+    model, io_dtype = load_model(ckpt)
+    sim = SimModel(model, io_dtype)  # for its KV-quantizing attention only
+    for i, layer in enumerate(model.model.layers):
+        for m in QUANTIZED_LINEARS:
+            parent, attr = LINEAR_PATHS[m].split(".")
+            old = getattr(getattr(layer, parent), attr)
+            shards = cfg.row_shards if m in ROW_PARALLEL_LINEARS else 1
+            setattr(getattr(layer, parent), attr, RefLinear(
+                t, f"model.layers.{i}.{LINEAR_PATHS[m]}", old.in_features, old.out_features, cfg,
+                shards, io_dtype))
+    sim.linears = []  # no SimLinears left
+    sim.add_method("atom-kv4", None, cfg.kv_bits)
+    return sim
+
+
+def _check_same_logits(src, ckpt):
+    ids = torch.randint(0, 300, (96,))
+    sim = SimModel(*load_model(ckpt))
+    _, states = checkpoint_states(sim, ckpt)
+    sim.add_method("atom-kv4", states, 4)
+    sim.activate("atom-kv4")
+    a = sim.logits(ids)
+    refm = _reference_model(ckpt)
+    refm.activate("atom-kv4")
+    b = refm.logits(ids)
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.98
+
+
+def test_checkpoint_through_reference_matches_simulation(tmp_path):
+    src = make_tiny(tmp_path / "llama")
+    quantize(src, tmp_path / "q", src / "calib.txt", AtomConfig(), OPTS, progress=False)
+    _check_same_logits(src, tmp_path / "q")
+
+
+def test_row_sharded_qwen_checkpoint_through_reference(tmp_path):
+    src = make_tiny(tmp_path / "qwen", arch="qwen2", layers=1, ffn=512)
+    quantize(src, tmp_path / "q", src / "calib.txt", AtomConfig(n_outliers=0, row_shards=2), OPTS,
+             progress=False)
+    _check_same_logits(src, tmp_path / "q")
+
+
+def test_ladder_rows_and_rtn_checkpoint_equals_clip_step(tmp_path):
+    src = make_tiny(tmp_path / "llama")
+    quantize(src, tmp_path / "rtn", src / "calib.txt", AtomConfig(),
+             QuantizeOptions(nsamples=4, seqlen=128, gptq=False), progress=False)
+    rows = evaluate(src, src / "eval.txt", seqlen=128, max_tokens=512, checkpoint=tmp_path / "rtn",
+                    progress=False)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["fp16", "rtn", "outliers-fp16", "outliers-int8", "group128", "clip", "atom",
+                        "atom-kv4"]
+    assert by["fp16"]["kl"] == 0 and by["fp16"]["top1"] == 1
+    # a --no-gptq checkpoint is exactly the "clip" step of the ladder
+    assert by["atom"]["ppl"] == by["clip"]["ppl"] and by["atom"]["kl"] == by["clip"]["kl"]
+    assert by["rtn"]["kl"] > by["clip"]["kl"]
+    for r in rows:
+        assert r["tokens"] == 512 and r["seqlen"] == 128 and r["ppl"] > 1
+    # the checkpoint alone: PPL only, same number as in the ladder
+    alone = evaluate(tmp_path / "rtn", src / "eval.txt", seqlen=128, max_tokens=512, progress=False)
+    assert [r["method"] for r in alone] == ["atom-kv4"] and alone[0]["kl"] is None
+    assert alone[0]["ppl"] == by["atom-kv4"]["ppl"]

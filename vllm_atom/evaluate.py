@@ -1,0 +1,291 @@
+"""Accuracy of simulated Atom quantization: perplexity, KL to the 16-bit model, top-1 agreement.
+
+The simulation uses the runtime's quantization points and numerics (see
+`vllm_atom.quantize.simulate`): every quantized linear quantizes its input per token on
+the fly; the KV cache is INT4 per (token, head), quantized after RoPE where vLLM writes it.
+
+Methods (Atom's ablation ladder, each step adds one thing to the previous):
+
+==============  ==============================================================================
+fp16            the 16-bit model (weights as stored, computed in fp32)
+rtn             W4A4 round-to-nearest, per output channel / per token, no reorder, no clip
+outliers-fp16   + reorder; the 128 (64 for K=576) most salient input channels kept in 16 bit
+outliers-int8   + those outlier channels in INT8 (per token / per output row)
+group128        + INT4 groups of 128 channels instead of whole rows
+clip            + clipping (activations 0.9, weights 0.85): Atom W4A4 with RTN weights
+atom            + GPTQ: the checkpoint's weights (Atom W4A4)
+atom-kv4        + INT4 KV cache (Atom W4A4KV4)
+==============  ==============================================================================
+
+Every step after ``rtn`` takes its reorder index (and row shards) from an Atom checkpoint
+(``checkpoint=``); ``atom``/``atom-kv4`` take its weights too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from vllm_atom import reference as ref
+from vllm_atom.config import AtomConfig
+from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_linear_tensors,
+                              linear_layout)
+from vllm_atom.quantize.checkpoint import is_atom_checkpoint, load_checkpoint
+from vllm_atom.quantize.pipeline import LAYERS_PREFIX, LINEAR_PATHS
+from vllm_atom.quantize.simulate import (ActScheme, SimLinear, SimState, fake_quantize_weight,
+                                         set_kv_bits, use_sim_attention, wrap_linears)
+
+METHODS = ("fp16", "rtn", "outliers-fp16", "outliers-int8", "group128", "clip", "atom", "atom-kv4")
+LABELS = {
+    "fp16": "FP16",
+    "rtn": "RTN W4A4 (per-channel / per-token)",
+    "outliers-fp16": "+ 128 outlier channels in 16 bit (reorder)",
+    "outliers-int8": "+ outliers INT8",
+    "group128": "+ group size 128",
+    "clip": "+ clipping (a 0.9, w 0.85)",
+    "atom": "+ GPTQ = Atom W4A4",
+    "atom-kv4": "+ KV cache INT4 = Atom W4A4KV4",
+}
+# method -> (outliers, group_size, a_clip, w_clip) for the RTN steps
+_RTN_STEPS = {
+    "outliers-fp16": ("fp", None, 1.0, 1.0),
+    "outliers-int8": ("int8", None, 1.0, 1.0),
+    "group128": ("int8", 128, 1.0, 1.0),
+    "clip": ("int8", 128, None, None),  # None: the checkpoint's a_clip / w_clip
+}
+
+
+def eval_windows(tokenizer, text_path, seqlen: int, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """[n, seqlen] consecutive windows from the start of the text (no special tokens).
+
+    n = max_tokens // seqlen, or every whole window of the text if max_tokens is None.
+    """
+    text = Path(text_path).read_text(encoding="utf-8", errors="replace")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise ValueError(f"--max-tokens {max_tokens} is smaller than --seqlen {seqlen}")
+    nchars = len(text) if max_tokens is None else max(max_tokens * 8, 1 << 16)
+    while True:
+        ids = tokenizer(text[:nchars], add_special_tokens=False)["input_ids"]
+        if max_tokens is None or len(ids) > max_tokens or nchars >= len(text):
+            break
+        nchars *= 2
+    n = len(ids) // seqlen
+    if max_tokens is not None:
+        n = min(n, max_tokens // seqlen)
+    if n < 1:
+        raise ValueError(f"{text_path} has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.tensor(ids[: n * seqlen]).view(n, seqlen)
+
+
+class SimModel:
+    """A causal LM whose decoder linears are `SimLinear`s, with one state per method."""
+
+    def __init__(self, model, io_dtype: torch.dtype):
+        self.model = model
+        self.io_dtype = io_dtype
+        self.layers = list(model.model.layers)
+        self.linears: list[dict[str, SimLinear]] = []
+        for layer in self.layers:
+            sims = wrap_linears(layer, [LINEAR_PATHS[m] for m in QUANTIZED_LINEARS], io_dtype)
+            self.linears.append({m: sims[LINEAR_PATHS[m]] for m in QUANTIZED_LINEARS})
+        use_sim_attention(model)
+        self.states: dict[str, list[dict[str, SimState]]] = {}
+        self.kv: dict[str, Optional[int]] = {}
+        self.has_fp_weights = True
+
+    def add_method(self, method: str, states: Optional[list], kv_bits: Optional[int] = None) -> None:
+        self.states[method] = states
+        self.kv[method] = kv_bits
+
+    def activate(self, method: str) -> None:
+        states = self.states[method]
+        for i, lins in enumerate(self.linears):
+            for m, lin in lins.items():
+                lin.state = None if states is None else states[i][m]
+        set_kv_bits([layer.self_attn for layer in self.layers], self.kv[method], self.io_dtype)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        return self.model(ids[None].to(dev), use_cache=False).logits[0].float()
+
+
+def load_model(path, device="cpu"):
+    """(fp32 model on device, io dtype). An Atom checkpoint loads its unquantized tensors only;
+    its linears keep placeholder weights until `checkpoint_states` fills their states."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_atom_checkpoint(path):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+        io_dtype = next(model.parameters()).dtype
+        return model.to(device, torch.float32).eval(), io_dtype
+    hf = AutoConfig.from_pretrained(str(path))
+    io_dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float16
+    if isinstance(io_dtype, str):
+        io_dtype = getattr(torch, io_dtype)
+    del hf.quantization_config
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    _, _, tensors = load_checkpoint(path)
+    plain = {k: v for k, v in tensors.items() if k in dict(model.state_dict())}
+    missing, _ = model.load_state_dict(plain, strict=False)
+    quantized = {f"{LAYERS_PREFIX}.{i}.{LINEAR_PATHS[m]}.weight"
+                 for i in range(hf.num_hidden_layers) for m in QUANTIZED_LINEARS}
+    missing = [k for k in missing if k not in quantized
+               and not (k == "lm_head.weight" and getattr(hf, "tie_word_embeddings", False))]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:5]}")
+    if getattr(hf, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(device).eval(), io_dtype
+
+
+def checkpoint_states(sim: SimModel, ckpt_dir, device="cpu") -> tuple[AtomConfig, list]:
+    """Per-layer SimStates holding the checkpoint's weights, exactly as stored."""
+    cfg, _, tensors = load_checkpoint(ckpt_dir)
+    states = []
+    for i, lins in enumerate(sim.linears):
+        layer_states = {}
+        for m, lin in lins.items():
+            name = f"{LAYERS_PREFIX}.{i}.{LINEAR_PATHS[m]}"
+            shards = cfg.row_shards if m in ROW_PARALLEL_LINEARS else 1
+            lay = linear_layout(lin.in_features, lin.out_features, cfg, shards)
+            check_linear_tensors(name, tensors, lay)
+            t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "w_scale", "w_outlier", "w_outlier_scale")}
+            parts = []
+            for s in range(shards):
+                shard = {
+                    "qweight": t["qweight"][:, s * lay.k_normal // 2:(s + 1) * lay.k_normal // 2],
+                    "w_scale": t["w_scale"][:, s * lay.n_groups:(s + 1) * lay.n_groups],
+                    "w_outlier": t["w_outlier"][:, s * lay.n_outliers:(s + 1) * lay.n_outliers],
+                    "w_outlier_scale": t["w_outlier_scale"][:, s:s + 1],
+                }
+                parts.append(ref.dequantize_weight(ref.QuantizedWeight.from_packed(shard)))
+            index = tensors[f"{name}.reorder_index"].to(device, torch.long)
+            act = ActScheme(index, shards, lay.n_outliers, cfg.group_size, cfg.a_clip, "int8")
+            layer_states[m] = SimState(act, torch.cat(parts, 1).to(device))
+        states.append(layer_states)
+    return cfg, states
+
+
+def ladder_states(sim: SimModel, method: str, atom_states: Optional[list], cfg: Optional[AtomConfig]):
+    """SimStates of an RTN ladder step, from the FP weights (and the checkpoint's reorder)."""
+    states = []
+    for i, lins in enumerate(sim.linears):
+        layer_states = {}
+        for m, lin in lins.items():
+            w = lin.weight.float()
+            if method == "rtn":
+                act = ActScheme(torch.arange(w.shape[1], device=w.device), 1, 0, None, 1.0, "int8")
+                w_clip = 1.0
+            else:
+                if atom_states is None:
+                    raise ValueError(f"method {method!r} needs the reorder of an Atom checkpoint "
+                                     f"(--checkpoint)")
+                outliers, group, a_clip, w_clip = _RTN_STEPS[method]
+                a = atom_states[i][m].act
+                act = ActScheme(a.index, a.shards, a.n_outliers, group,
+                                cfg.a_clip if a_clip is None else a_clip, outliers)
+                w_clip = cfg.w_clip if w_clip is None else w_clip
+            layer_states[m] = SimState(act, fake_quantize_weight(w, act, w_clip))
+        states.append(layer_states)
+    return states
+
+
+def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = None,
+             methods: Optional[Sequence[str]] = None, checkpoint=None, device: str = "cpu",
+             model_name: Optional[str] = None, text_name: Optional[str] = None,
+             progress: bool = True) -> list[dict]:
+    """Evaluate ``methods`` on ``text``; one result row per method.
+
+    ``model_path`` is the 16-bit model (then ``checkpoint`` supplies reorder and GPTQ
+    weights for the ladder steps that need them) or an Atom checkpoint (then the only
+    method is the checkpoint itself, ``atom`` or ``atom-kv4`` by its kv_bits, and KL /
+    top-1 are not available).
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    ckpt_only = is_atom_checkpoint(model_path)
+    if ckpt_only:
+        if checkpoint is not None:
+            raise ValueError("give either an Atom checkpoint as MODEL or --checkpoint, not both")
+        checkpoint = model_path
+    model, io_dtype = load_model(model_path, device)
+    sim = SimModel(model, io_dtype)
+    cfg = atom = None
+    if checkpoint is not None:
+        cfg, atom = checkpoint_states(sim, checkpoint, device)
+    if methods is None:
+        if ckpt_only:
+            methods = ["atom-kv4" if cfg.kv_bits == 4 else "atom"]
+        else:
+            methods = ["fp16", "rtn"] + ([m for m in METHODS[2:]] if atom is not None else [])
+    methods = list(methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if ckpt_only and m not in ("atom", "atom-kv4"):
+            raise ValueError(f"method {m!r} needs the 16-bit model; give it as MODEL and the "
+                             f"checkpoint as --checkpoint")
+        if m in ("atom", "atom-kv4") and atom is None:
+            raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
+    if not ckpt_only:
+        sim.add_method("fp16", None)
+    for m in methods:
+        if m == "atom":
+            sim.add_method(m, atom)
+        elif m == "atom-kv4":
+            sim.add_method(m, atom, 4)
+        elif m != "fp16":
+            sim.add_method(m, ladder_states(sim, m, atom, cfg))
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    windows = eval_windows(tok, text, seqlen, max_tokens)
+    acc = {m: {"nll": 0.0, "kl": 0.0, "top1": 0} for m in methods}
+    n_pred = 0
+    bar = tqdm(windows, desc="atom eval", unit="window", disable=not progress)
+    for ids in bar:
+        target = ids[1:].to(device)
+        logp_fp = None
+        if not ckpt_only:
+            sim.activate("fp16")
+            logp_fp = torch.log_softmax(sim.logits(ids)[:-1], -1)
+        for m in methods:
+            if m == "fp16" and logp_fp is not None:
+                logp = logp_fp
+            else:
+                sim.activate(m)
+                logp = torch.log_softmax(sim.logits(ids)[:-1], -1)
+            a = acc[m]
+            a["nll"] -= float(logp.gather(1, target[:, None]).sum())
+            if logp_fp is not None:
+                a["kl"] += float((logp_fp.exp() * (logp_fp - logp)).sum())
+                a["top1"] += int((logp.argmax(-1) == logp_fp.argmax(-1)).sum())
+        n_pred += ids.numel() - 1
+        if "atom-kv4" in acc:
+            bar.set_postfix(ppl_atom_kv4=f"{math.exp(acc['atom-kv4']['nll'] / n_pred):.3f}")
+    seconds = round(time.time() - t0, 1)
+    rows = []
+    for m in methods:
+        a = acc[m]
+        rows.append({
+            "model": model_name or Path(model_path).name,
+            "method": m,
+            "label": LABELS[m],
+            "text": text_name or Path(text).name,
+            "seqlen": seqlen,
+            "tokens": int(windows.numel()),
+            "predicted_tokens": n_pred,
+            "ppl": round(math.exp(a["nll"] / n_pred), 4),
+            "kl": None if ckpt_only else round(a["kl"] / n_pred, 5),
+            "top1": None if ckpt_only else round(a["top1"] / n_pred, 4),
+            "kv_bits": sim.kv[m],
+            "seconds_total": seconds,
+        })
+    return rows

@@ -1,0 +1,9 @@
+"""Offline Atom quantizer (torch + transformers + safetensors; never imports vllm or cupy).
+
+Path through the code: `pipeline.quantize` -> `calibration` -> `reorder` -> `gptq`
+-> `vllm_atom.format` packing -> `checkpoint.CheckpointWriter`.
+"""
+
+from vllm_atom.quantize.pipeline import InputError, QuantizeOptions, QuantizeReport, quantize
+
+__all__ = ["InputError", "QuantizeOptions", "QuantizeReport", "quantize"]

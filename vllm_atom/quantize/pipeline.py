@@ -1,0 +1,317 @@
+"""The offline Atom quantizer, layer by layer.
+
+Read in order: `check_model_dir` and `calibration_batches` fail fast on bad input;
+`quantize` loads the model on CPU, captures the inputs of decoder layer 0, then for each
+decoder layer (copied to ``device`` in fp32, one at a time) runs `quantize_layer`:
+
+1. pass 1, unquantized layer: per-channel salience of each linear input (`calibration`);
+2. reorder: one index per input (q/k/v share one, gate/up share one), outliers last;
+3. pass 2, quantized activations (and INT4 KV if configured), unquantized weights:
+   one GPTQ Hessian per input, for all 7 linears in the same pass;
+4. GPTQ (or RTN) per linear and shard -> checkpoint tensors (`vllm_atom.format`);
+5. pass 3, fully quantized layer: its outputs are the next layer's inputs.
+
+Embeddings, norms, lm_head and biases are written unquantized, in the model dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vllm_atom import reference as ref
+from vllm_atom.config import AtomConfig
+from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_linear_tensors,
+                              linear_layout)
+from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
+from vllm_atom.quantize.checkpoint import CheckpointWriter
+from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
+from vllm_atom.quantize.reorder import input_groups, reorder_index
+from vllm_atom.quantize.simulate import (ActScheme, SimState, permute_columns, set_kv_bits,
+                                         use_sim_attention, wrap_linears)
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# short linear name -> attribute path inside a decoder layer
+LINEAR_PATHS = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+LAYERS_PREFIX = "model.layers"
+
+
+@dataclass
+class QuantizeOptions:
+    """How to calibrate (what to produce is `AtomConfig`)."""
+
+    nsamples: int = 128
+    seqlen: int = 2048
+    device: str = "cpu"
+    metric: str = "hessian"          # or "abs_mean"
+    gptq: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    seed: int = 0
+    max_shard_bytes: int = 2 << 30
+
+
+@dataclass
+class QuantizeReport:
+    out_dir: str = ""
+    seconds: float = 0.0
+    calib_tokens: int = 0
+    layers: int = 0
+    fallbacks: list = field(default_factory=list)
+
+
+class InputError(ValueError):
+    """Bad command input, detected before any long work."""
+
+
+# ---- fail fast ----
+
+def check_model_dir(model_dir, cfg: AtomConfig):
+    """The transformers config of ``model_dir``; InputError if Atom cannot quantize it."""
+    from transformers import AutoConfig
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise InputError(f"{d}: not a model directory (no config.json)")
+    try:
+        hf = AutoConfig.from_pretrained(str(d))
+    except Exception as e:  # noqa: BLE001 - surface any config problem as bad input
+        raise InputError(f"{d}: cannot read config.json: {e}") from e
+    if getattr(hf, "quantization_config", None):
+        raise InputError(f"{d}: already quantized ({hf.quantization_config}); give the 16-bit model")
+    archs = list(getattr(hf, "architectures", None) or [])
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise InputError(f"{d}: not a causal language model (architectures={archs}); "
+                         f"Atom quantizes *ForCausalLM decoders")
+    if hf.model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(f"{d}: architecture {archs[0]} (model_type {hf.model_type!r}) is not "
+                         f"supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not (list(d.glob("*.safetensors")) or list(d.glob("*.bin"))):
+        raise InputError(f"{d}: no weight files (*.safetensors / *.bin)")
+    hidden, inter = hf.hidden_size, hf.intermediate_size
+    head_dim = getattr(hf, "head_dim", None) or hidden // hf.num_attention_heads
+    k_of = {"q_proj": hidden, "o_proj": hf.num_attention_heads * head_dim,
+            "gate_proj": hidden, "down_proj": inter}
+    for name, k in k_of.items():
+        shards = cfg.row_shards if name in ROW_PARALLEL_LINEARS else 1
+        try:
+            linear_layout(k, 1, cfg, shards)
+        except ValueError as e:
+            raise InputError(f"{d}: {name} has {k} inputs, which Atom cannot lay out: {e}") from e
+    return hf
+
+
+def calibration_batches(tokenizer, text_path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: non-overlapping windows of the text chosen at random (seeded)."""
+    p = Path(text_path)
+    if not p.is_file():
+        raise InputError(f"calibration text {p} does not exist")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    need = nsamples * seqlen
+    # tokenize a growing prefix: enough for ~4x the windows needed, or the whole text
+    nchars = max(need * 16, 1 << 16)
+    while True:
+        ids = tokenizer(text[:nchars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= 4 * need or nchars >= len(text):
+            break
+        nchars *= 2
+    windows = len(ids) // seqlen
+    if windows < nsamples:
+        raise InputError(
+            f"calibration text {p} has {len(ids)} tokens = {windows} windows of {seqlen}, but "
+            f"--nsamples {nsamples} x --seqlen {seqlen} = {need} tokens were asked for; use a "
+            f"longer text or lower --nsamples/--seqlen")
+    pick = sorted(random.Random(seed).sample(range(windows), nsamples))
+    t = torch.tensor(ids[: windows * seqlen]).view(windows, seqlen)
+    return t[pick]
+
+
+# ---- layer-0 inputs ----
+
+class _Caught(Exception):
+    def __init__(self, hidden, kwargs):
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+class _Catcher(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        raise _Caught(hidden_states, kwargs)
+
+
+def capture_layer_inputs(model, calib: torch.Tensor, device, io_dtype):
+    """Hidden states entering decoder layer 0 ([n, seqlen, hidden], io_dtype, on device)
+    and the other keyword arguments the layers get (fp32, on device)."""
+    layers = model.model.layers
+    first = layers[0]
+    layers[0] = _Catcher(first)
+    inps, kwargs = [], None
+    try:
+        for row in calib:
+            try:
+                model(row[None], use_cache=False)
+            except _Caught as c:
+                inps.append(c.hidden[0].to(device, io_dtype))
+                kwargs = c.kwargs
+    finally:
+        layers[0] = first
+
+    def to_dev(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, torch.float32) if v.is_floating_point() else v.to(device)
+        if isinstance(v, tuple):
+            return tuple(to_dev(x) for x in v)
+        return v
+    kwargs = {k: to_dev(v) for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return torch.stack(inps), kwargs
+
+
+def _run(layer, inps, kwargs, keep: bool):
+    outs = torch.empty_like(inps) if keep else None
+    with torch.no_grad():
+        for i in range(inps.shape[0]):
+            y = layer(inps[i][None].float(), **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            if keep:
+                outs[i] = y[0].to(outs.dtype)
+    return outs
+
+
+# ---- one decoder layer ----
+
+def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: AtomConfig,
+                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str):
+    """Quantize one decoder layer. Returns (checkpoint tensors, next inputs, fallback notes)."""
+    dev = torch.device(opts.device)
+    layer = copy.deepcopy(layer_cpu).to(dev, torch.float32)
+    sims = wrap_linears(layer, [LINEAR_PATHS[m] for m in QUANTIZED_LINEARS], io_dtype)
+    lin = {m: sims[LINEAR_PATHS[m]] for m in QUANTIZED_LINEARS}
+    attn = [layer.self_attn]
+    groups = input_groups()
+
+    # 1. salience of each input, unquantized layer
+    stats = {g: ChannelStats(lin[g].in_features, opts.metric, dev) for g in groups}
+    for g in groups:
+        lin[g].observer = stats[g].add
+    set_kv_bits(attn, None, io_dtype)
+    _run(layer, inps, kwargs, keep=False)
+
+    # 2. reorder: outliers last, one index per input
+    scheme = {}
+    for g, members in groups.items():
+        k = lin[g].in_features
+        shards = cfg.row_shards if g in ROW_PARALLEL_LINEARS else 1
+        idx = reorder_index(stats[g].value, shards).to(dev, torch.long)
+        s = ActScheme(idx, shards, cfg.outliers_for(k // shards), cfg.group_size, cfg.a_clip, "int8")
+        for m in members:
+            scheme[m] = s
+
+    # 3. GPTQ Hessians of the activations each linear actually sees (all 7 in one pass)
+    hess = {}
+    if opts.gptq:
+        for g in groups:
+            hess[g] = HessianAccumulator(lin[g].in_features, dev)
+            lin[g].observer = hess[g].add
+        for m in QUANTIZED_LINEARS:
+            lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
+        set_kv_bits(attn, cfg.kv_bits, io_dtype)
+        _run(layer, inps, kwargs, keep=False)
+    for g in groups:
+        lin[g].observer = None
+
+    # 4. quantize weights, shard by shard
+    tensors, notes = {}, []
+    for g, members in groups.items():
+        h = hess[g].h if opts.gptq else None
+        for m in members:
+            s = scheme[m]
+            w = permute_columns(lin[m].weight.float(), s)
+            shard_q = []
+            for si, sl in s.shard_slices(w.shape[1]):
+                if opts.gptq:
+                    res = gptq_quantize(w[:, sl], h[sl, sl], s.n_outliers, cfg.group_size,
+                                        cfg.w_clip, opts.damp, opts.block_size)
+                    if res.fallback:
+                        notes.append(f"{prefix}.{m} shard {si}: {res.fallback}")
+                        log.warning("%s.%s shard %d: %s", prefix, m, si, res.fallback)
+                    shard_q.append(res.weight)
+                else:
+                    shard_q.append(rtn_quantize(w[:, sl], s.n_outliers, cfg.group_size, cfg.w_clip))
+            name = f"{prefix}.{LINEAR_PATHS[m]}"
+            packed = [q.packed() for q in shard_q]
+            for key in packed[0]:
+                tensors[f"{name}.{key}"] = torch.cat([p[key] for p in packed], 1).cpu()
+            tensors[f"{name}.reorder_index"] = s.index.to(torch.int32).cpu()
+            check_linear_tensors(name, tensors, linear_layout(w.shape[1], w.shape[0], cfg, s.shards))
+            lin[m].state = SimState(s, torch.cat([ref.dequantize_weight(q) for q in shard_q], 1))
+
+    # 5. the quantized layer's outputs feed the next layer
+    set_kv_bits(attn, cfg.kv_bits, io_dtype)
+    outs = _run(layer, inps, kwargs, keep=True)
+    del layer
+    return tensors, outs, notes
+
+
+# ---- the whole model ----
+
+def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
+             opts: Optional[QuantizeOptions] = None, progress: bool = True) -> QuantizeReport:
+    """Quantize the 16-bit causal LM in ``model_dir`` into an Atom checkpoint in ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = cfg or AtomConfig()
+    opts = opts or QuantizeOptions()
+    t0 = time.time()
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {opts.device}: CUDA is not available")
+    check_model_dir(model_dir, cfg)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    calib = calibration_batches(tok, calib_text, opts.nsamples, opts.seqlen, opts.seed)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
+    io_dtype = next(model.parameters()).dtype
+    use_sim_attention(model)
+    writer = CheckpointWriter(out_dir, opts.max_shard_bytes)
+    # unquantized tensors first: embeddings, norms, lm_head, biases
+    quantized = {f"{LAYERS_PREFIX}.{i}.{LINEAR_PATHS[m]}.weight"
+                 for i in range(len(model.model.layers)) for m in QUANTIZED_LINEARS}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, t in model.state_dict().items():
+        if name not in quantized and not (tied and name == "lm_head.weight"):
+            writer.add(name, t)
+
+    inps, kwargs = capture_layer_inputs(model, calib, torch.device(opts.device), io_dtype)
+    report = QuantizeReport(out_dir=str(out_dir), calib_tokens=calib.numel())
+    layers = model.model.layers
+    bar = tqdm(range(len(layers)), desc="atom quantize", unit="layer", disable=not progress)
+    for i in bar:
+        tensors, inps, notes = quantize_layer(layers[i], inps, kwargs, cfg, opts, io_dtype,
+                                              f"{LAYERS_PREFIX}.{i}")
+        writer.add_all(tensors)
+        report.fallbacks += notes
+        layers[i] = nn.Identity()  # free the 16-bit layer
+    hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+    writer.finish(hf_config, cfg, source_dir=model_dir)
+    report.layers = len(layers)
+    report.seconds = round(time.time() - t0, 1)
+    return report
