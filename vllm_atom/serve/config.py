@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import (
@@ -20,6 +21,13 @@ from vllm.model_executor.layers.quantization.base_config import (
 from vllm_atom.config import QUANT_METHOD, AtomConfig
 from vllm_atom.format import is_quantized_linear
 
+
+logger = init_logger(__name__)
+
+_KV16 = (
+    "This Atom checkpoint was quantized for an INT4 KV cache (kv_bits=4), but vllm-atom does "
+    "not serve an INT4 cache yet: the KV cache stays 16-bit (or what --kv-cache-dtype asks "
+    "for). Accuracy is that of `vllm-atom eval ... --methods atom`, not atom-kv4.")
 
 _NOT_ATOM = (
     "--quantization atom needs an Atom checkpoint, but {model} has no "
@@ -70,6 +78,8 @@ class AtomQuantConfig(QuantizationConfig):
         # --quantization atom on a model whose config.json has no quantization_config.
         if not self._from_checkpoint:
             raise ValueError(_NOT_ATOM.format(model=model_name))
+        if self.atom.kv_bits == 4:
+            logger.warning(_KV16)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):
