@@ -583,13 +583,10 @@ def quick_check(
 ) -> dict:
     """Greedy-generate from ``prompt`` and measure perplexity on a text prefix.
 
-    The text is tokenized without special tokens; the first ``chunks * seqlen``
-    tokens are split into ``chunks`` independent windows, and the perplexity is
-    exp(mean NLL) over every predicted token (``seqlen - 1`` per window).  Returns
+    The perplexity is `vllm_atom.evaluate`'s for the 16-bit model (fp32 compute) over
+    ``chunks`` windows of ``seqlen`` tokens from the start of the text. Returns
     ``{"generation", "ppl", "tokens", "seconds", "dtype"}``.
     """
-    import math
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -607,31 +604,18 @@ def quick_check(
         )
     generation = tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    body = load_text(text)
-    need = chunks * seqlen
-    ids: list = []
-    # tokenize a growing prefix rather than the whole file
-    nchars = need * 8
-    while True:
-        ids = tok(body[:nchars], add_special_tokens=False)["input_ids"]
-        if len(ids) > need or nchars >= len(body):
-            break
-        nchars *= 2
-    if len(ids) < need:
-        raise ValueError(f"text has only {len(ids)} tokens, need {need}")
-    data = torch.tensor(ids[:need], device=device).view(chunks, seqlen)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for row in data:
-            logits = model(row[None]).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-            count += seqlen - 1
+    from vllm_atom.evaluate import evaluate
+
+    dtype = str(next(model.parameters()).dtype)
+    del model  # evaluate loads its own fp32 copy
+    row = evaluate(model_dir, find_text(text), seqlen=seqlen, max_tokens=chunks * seqlen,
+                   methods=["fp16"], device=device, progress=False)[0]
     return {
         "generation": generation,
-        "ppl": math.exp(nll / count),
-        "tokens": count,
+        "ppl": row["ppl"],
+        "tokens": row["predicted_tokens"],
         "seconds": round(time.time() - t0, 2),
-        "dtype": str(next(model.parameters()).dtype),
+        "dtype": dtype,
     }
 
 
