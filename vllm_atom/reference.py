@@ -248,3 +248,50 @@ def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     ref, x = ref.double(), x.double()
     noise = (ref - x).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))
+
+
+# ---- The paged INT4 KV cache (vLLM's int4_per_token_head page budget, Atom's numerics) ----
+#
+# kv_cache: uint8 [num_blocks, H, block_size, 2 * (D/2 + 4)]; one record per (block, KV head,
+# slot in block): [K nibbles (D/2 B) | K scale fp16 | K zero fp16 | V nibbles | V scale | V zero],
+# nibbles in `pack_int4` order, fp16 values little-endian. See docs/kv_int4_design.md.
+
+def kv_record_bytes(head_dim: int) -> int:
+    """Bytes of one (token, KV head) record for K and V together: 2 * (head_dim/2 + 4)."""
+    return 2 * (head_dim // 2 + 4)
+
+
+def _kv_half(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] -> uint8 [T, H, D/2 + 4]: packed nibbles, then fp16 scale and zero."""
+    kv = quantize_kv(x)
+    sz = torch.stack((kv.scale, kv.zero), -1).contiguous().view(torch.uint8)  # [T, H, 4]
+    return torch.cat((pack_int4(kv.q), sz), -1)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Quantize key/value [T, H, D] and store token i at slot ``slot_mapping[i]``
+    (= block * block_size + offset) of ``kv_cache``; slots < 0 (padding) are skipped. Only
+    ``len(slot_mapping)`` tokens are written, as in vLLM."""
+    n = slot_mapping.shape[0]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    rec = torch.cat((_kv_half(key[:n][keep]), _kv_half(value[:n][keep])), -1)  # [t, H, R]
+    block_size = kv_cache.shape[2]
+    kv_cache[slots // block_size, :, slots % block_size] = rec
+
+
+def read_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K and V (fp32 [seq_len, H, D]) of one sequence from its block table."""
+    block_size = kv_cache.shape[2]
+    pos = torch.arange(seq_len, device=kv_cache.device)
+    rec = kv_cache[block_table[pos // block_size].long(), :, pos % block_size]  # [S, H, R]
+    half = head_dim // 2 + 4
+
+    def dequant(part: torch.Tensor) -> torch.Tensor:
+        q = unpack_int4(part[..., :head_dim // 2].contiguous(), signed=False).to(torch.uint8)
+        sz = part[..., head_dim // 2:].contiguous().view(torch.float16)  # [S, H, 2]
+        return dequantize_kv(QuantizedKV(q, sz[..., 0], sz[..., 1]))
+
+    return dequant(rec[..., :half]), dequant(rec[..., half:])

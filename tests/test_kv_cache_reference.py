@@ -1,0 +1,48 @@
+"""The paged INT4 KV cache reference: the byte layout and numerics kernels must reproduce."""
+
+import pytest
+import torch
+
+from vllm_atom import reference as R
+from vllm_atom.format import pack_int4
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,block_size", [(1, 16), (4, 16), (8, 32)])
+def test_write_then_read_round_trips_with_padding(head_dim, heads, block_size):
+    num_blocks, seq_len = 9, 70
+    cache = torch.full((num_blocks, heads, block_size, R.kv_record_bytes(head_dim)), 0xA5, dtype=torch.uint8)
+    poison = cache.clone()
+    block_table = torch.randperm(num_blocks)[: (seq_len + block_size - 1) // block_size]
+    pos = torch.arange(seq_len)
+    slots = block_table[pos // block_size] * block_size + pos % block_size
+    k = torch.randn(seq_len + 3, heads, head_dim, dtype=torch.float16) * 3
+    v = torch.randn(seq_len + 3, heads, head_dim, dtype=torch.float16)
+    # padded slot_mapping: two -1 entries; tokens beyond len(slot_mapping) are not written
+    order = torch.randperm(seq_len)
+    slot_mapping = torch.cat((slots[order], torch.tensor([-1, -1])))
+    k_in = torch.cat((k[:seq_len][order], k[seq_len:seq_len + 2]))
+    v_in = torch.cat((v[:seq_len][order], v[seq_len:seq_len + 2]))
+    R.write_kv_cache(torch.cat((k_in, k[-1:])), torch.cat((v_in, v[-1:])), cache, slot_mapping)
+
+    k_out, v_out = R.read_kv_cache(cache, block_table, seq_len, head_dim)
+    torch.testing.assert_close(k_out, R.dequantize_kv(R.quantize_kv(k[:seq_len])), rtol=0, atol=0)
+    torch.testing.assert_close(v_out, R.dequantize_kv(R.quantize_kv(v[:seq_len])), rtol=0, atol=0)
+    written = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    written[slots // block_size, slots % block_size] = True
+    assert torch.equal(cache.permute(0, 2, 1, 3)[~written], poison.permute(0, 2, 1, 3)[~written])
+
+
+def test_record_bytes_are_the_documented_layout():
+    head_dim = 64
+    cache = torch.zeros(1, 1, 16, R.kv_record_bytes(head_dim), dtype=torch.uint8)
+    k = torch.randn(1, 1, head_dim)
+    v = torch.randn(1, 1, head_dim)
+    R.write_kv_cache(k, v, cache, torch.tensor([5]))
+    rec = cache[0, 0, 5]
+    qk, qv = R.quantize_kv(k), R.quantize_kv(v)
+    assert rec.shape[0] == 2 * (head_dim // 2 + 4) == 72
+    assert torch.equal(rec[:32], pack_int4(qk.q)[0, 0])
+    assert torch.equal(rec[32:36].view(torch.float16), torch.stack((qk.scale[0, 0], qk.zero[0, 0])))
+    assert torch.equal(rec[36:68], pack_int4(qv.q)[0, 0])
+    assert torch.equal(rec[68:72].view(torch.float16), torch.stack((qv.scale[0, 0], qv.zero[0, 0])))
