@@ -33,7 +33,7 @@ import torch
 from vllm_atom import reference as ref
 from vllm_atom.config import AtomConfig
 from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_linear_tensors,
-                              linear_layout)
+                              linear_layout, split_shards)
 from vllm_atom.quantize.checkpoint import is_atom_checkpoint, load_checkpoint
 from vllm_atom.quantize.pipeline import LAYERS_PREFIX, LINEAR_PATHS
 from vllm_atom.quantize.simulate import (ActScheme, SimLinear, SimState, fake_quantize_weight,
@@ -156,15 +156,8 @@ def checkpoint_states(sim: SimModel, ckpt_dir, device="cpu") -> tuple[AtomConfig
             lay = linear_layout(lin.in_features, lin.out_features, cfg, shards)
             check_linear_tensors(name, tensors, lay)
             t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "w_scale", "w_outlier", "w_outlier_scale")}
-            parts = []
-            for s in range(shards):
-                shard = {
-                    "qweight": t["qweight"][:, s * lay.k_normal // 2:(s + 1) * lay.k_normal // 2],
-                    "w_scale": t["w_scale"][:, s * lay.n_groups:(s + 1) * lay.n_groups],
-                    "w_outlier": t["w_outlier"][:, s * lay.n_outliers:(s + 1) * lay.n_outliers],
-                    "w_outlier_scale": t["w_outlier_scale"][:, s:s + 1],
-                }
-                parts.append(ref.dequantize_weight(ref.QuantizedWeight.from_packed(shard)))
+            parts = [ref.dequantize_weight(ref.QuantizedWeight.from_packed(shard))
+                     for shard in split_shards(t, lay)]
             index = tensors[f"{name}.reorder_index"].to(device, torch.long)
             act = ActScheme(index, shards, lay.n_outliers, cfg.group_size, cfg.a_clip, "int8")
             layer_states[m] = SimState(act, torch.cat(parts, 1).to(device))

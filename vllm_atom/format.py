@@ -167,6 +167,23 @@ def check_reorder_index(name: str, index: torch.Tensor, layout: LinearLayout) ->
                 f"{name}: shard {s} is not a permutation of 0..{layout.k_shard - 1}")
 
 
+_SHARDED = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE)
+
+
+def join_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-shard weight tensors (keyed by suffix) -> one linear's tensors, shard after
+    shard along the input dimension (``reorder_index`` is not included)."""
+    return {key: torch.cat([sh[key] for sh in shards], 1) for key in _SHARDED}
+
+
+def split_shards(tensors: Mapping[str, torch.Tensor], layout: LinearLayout) -> list[dict[str, torch.Tensor]]:
+    """Inverse of `join_shards` for a linear of ``layout`` (keys are suffixes)."""
+    widths = {QWEIGHT: layout.k_normal // 2, W_SCALE: layout.n_groups,
+              W_OUTLIER: layout.n_outliers, W_OUTLIER_SCALE: 1}
+    return [{key: tensors[key][:, s * w:(s + 1) * w] for key, w in widths.items()}
+            for s in range(layout.shards)]
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack INT4 values along the last dim: [..., K] (int, values in [-8, 15]) -> uint8 [..., K/2].
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from vllm_atom import reference as ref
 from vllm_atom.config import AtomConfig
 from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_linear_tensors,
-                              linear_layout)
+                              join_shards, linear_layout)
 from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.checkpoint import CheckpointWriter
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
@@ -258,9 +258,8 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
                 else:
                     shard_q.append(rtn_quantize(w[:, sl], s.n_outliers, cfg.group_size, cfg.w_clip))
             name = f"{prefix}.{LINEAR_PATHS[m]}"
-            packed = [q.packed() for q in shard_q]
-            for key in packed[0]:
-                tensors[f"{name}.{key}"] = torch.cat([p[key] for p in packed], 1).cpu()
+            for key, t in join_shards([q.packed() for q in shard_q]).items():
+                tensors[f"{name}.{key}"] = t.cpu()
             tensors[f"{name}.reorder_index"] = s.index.to(torch.int32).cpu()
             check_linear_tensors(name, tensors, linear_layout(w.shape[1], w.shape[0], cfg, s.shards))
             lin[m].state = SimState(s, torch.cat([ref.dequantize_weight(q) for q in shard_q], 1))
