@@ -55,3 +55,10 @@ def test_compile_error_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(_loader, "CUDA_DIR", tmp_path)
     with pytest.raises(_loader.KernelCompileError, match="undefined_thing"):
         _loader.compile_cubin.__wrapped__("bad.cu", (), "sm_90")
+
+
+@pytest.mark.parametrize("bf16", [1, 0])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_int4_compiles(arch, head_dim, bf16):
+    assert _loader.compile_cubin("kv_int4.cu", (("HEAD_DIM", head_dim), ("DTYPE_BF16", bf16)), arch)

@@ -99,12 +99,3 @@ def test_offline_half_imports_neither_vllm_nor_cupy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
-
-
-def test_kv4_checkpoint_says_the_cache_stays_16_bit(monkeypatch):
-    from vllm_atom.serve import config as serve_config
-    said = []
-    monkeypatch.setattr(serve_config.logger, "warning", lambda msg, *a: said.append(msg))
-    serve_config.AtomQuantConfig(AtomConfig(kv_bits=4)).maybe_update_config("m")
-    serve_config.AtomQuantConfig(AtomConfig(kv_bits=None)).maybe_update_config("m")
-    assert len(said) == 1 and "INT4 KV cache" in said[0]

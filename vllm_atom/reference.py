@@ -295,3 +295,32 @@ def read_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: in
         return dequantize_kv(QuantizedKV(q, sz[..., 0], sz[..., 1]))
 
     return dequant(rec[..., :half]), dequant(rec[..., half:])
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_table: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Causal attention of query [T, Hq, D] over the INT4 paged cache, in fp32: the oracle of the
+    CUDA attention kernel.
+
+    Request b owns query rows [query_start_loc[b], query_start_loc[b+1]) (its last q_len tokens)
+    and the first seq_lens[b] cache slots listed by block_table[b]; query row i sits at absolute
+    position seq_len - q_len + i and sees keys 0..that position. Query head h reads KV head
+    h // (Hq / H) (GQA). Returns fp32 [T, Hq, D]; rows no request owns are zero.
+    """
+    t, hq, d = query.shape
+    h = kv_cache.shape[1]
+    out = torch.zeros(t, hq, d, dtype=torch.float32, device=query.device)
+    qsl = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()[:len(qsl) - 1]):
+        q0, q1 = qsl[b], qsl[b + 1]
+        if q1 == q0:
+            continue
+        k, v = read_kv_cache(kv_cache, block_table[b], seq_len, d)  # [S, H, D]
+        k = k.repeat_interleave(hq // h, dim=1).transpose(0, 1)  # [Hq, S, D]
+        v = v.repeat_interleave(hq // h, dim=1).transpose(0, 1)
+        q = query[q0:q1].float().transpose(0, 1)  # [Hq, L, D]
+        s = (q @ k.transpose(1, 2)) * softmax_scale  # [Hq, L, S]
+        pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)[:, None]
+        s = s.masked_fill(torch.arange(seq_len, device=query.device)[None, :] > pos, float("-inf"))
+        out[q0:q1] = (s.softmax(-1) @ v).transpose(0, 1)
+    return out

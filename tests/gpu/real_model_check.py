@@ -2,10 +2,12 @@
 /v1/completions and /v1/chat/completions, and wiki perplexity through vLLM's prompt
 logprobs is compared with `vllm-atom eval`'s simulated number on the same windows.
 
-    python tests/gpu/real_model_check.py CKPT TEXT EXPECTED.json [--seqlen 2048 --max-tokens N]
+    python tests/gpu/real_model_check.py CKPT TEXT EXPECTED.json [--kv4]
 
 EXPECTED.json is the output of `vllm-atom eval CKPT --text TEXT --seqlen S --max-tokens N
---json EXPECTED.json` (run on the CPU machine). Writes $OUT/real-model.json.
+--methods atom,atom-kv4 --json EXPECTED.json` (run on the CPU machine); the row of method
+atom (or atom-kv4 with --kv4, which serves with Atom's INT4 KV cache) is the target.
+Writes $OUT/real-model[-kv4].json.
 """
 
 import argparse
@@ -22,10 +24,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def serve_and_query(ckpt: str, port: int = 8011) -> dict:
+KV4_ARGS = ["--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "CUSTOM"]
+
+
+def serve_and_query(ckpt: str, extra: list[str], tag: str, port: int = 8011) -> dict:
     cmd = ["vllm", "serve", ckpt, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float16",
-           "--served-model-name", "atom", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096"]
-    log = open(os.path.join(os.environ.get("OUT", "/tmp"), "vllm-serve.log"), "w")
+           "--served-model-name", "atom", "--gpu-memory-utilization", "0.3", "--max-model-len", "4096", *extra]
+    log = open(os.path.join(os.environ.get("OUT", "/tmp"), f"vllm-serve{tag}.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     try:
@@ -35,7 +40,7 @@ def serve_and_query(ckpt: str, port: int = 8011) -> dict:
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError("vllm serve exited; see vllm-serve.log")
+                    raise RuntimeError(f"vllm serve exited; see vllm-serve{tag}.log")
                 time.sleep(2)
         ready_s = time.time() - t0
         out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "query_server.py"),
@@ -53,31 +58,35 @@ def main() -> None:
     ap.add_argument("ckpt")
     ap.add_argument("text")
     ap.add_argument("expected")
+    ap.add_argument("--kv4", action="store_true", help="serve with Atom's INT4 KV cache")
     args = ap.parse_args()
+    extra = KV4_ARGS if args.kv4 else []
     from transformers import AutoTokenizer
 
     from vllm_atom.evaluate import eval_windows
 
     expected = json.load(open(args.expected))
-    row = expected[0] if isinstance(expected, list) else expected
-    row = row.get("rows", [row])[0] if "rows" in row else row
+    rows = expected if isinstance(expected, list) else expected.get("rows", [expected])
+    method = "atom-kv4" if args.kv4 else "atom"
+    row = next(r for r in rows if r.get("method", method) == method)
     seqlen, tokens = int(row["seqlen"]), int(row["tokens"])
     result = {"expected": row}
-    result.update(serve_and_query(args.ckpt))
+    result.update(serve_and_query(args.ckpt, extra, '-kv4' if args.kv4 else ''))
 
     tok = AutoTokenizer.from_pretrained(args.ckpt)
     windows = eval_windows(tok, args.text, seqlen, tokens).tolist()
     ids, res = "/tmp/real-ids.json", "/tmp/real-vllm.json"
     json.dump(windows, open(ids, "w"))
     subprocess.run([sys.executable, os.path.join(HERE, "vllm_logprobs.py"), args.ckpt, ids, res,
-                    "--gpu-memory-utilization", "0.3"], check=True)
+                    "--gpu-memory-utilization", "0.3", *extra], check=True)
     got = json.load(open(res))
     lps = [lp for w in got["windows"] for lp in w["logprob"]]
     ppl = math.exp(-sum(lps) / len(lps))
     result.update({"vllm_ppl": ppl, "vllm_tokens": len(lps), "sim_ppl": row["ppl"],
                    "rel_diff": ppl / row["ppl"] - 1})
     print("real-model", json.dumps({k: v for k, v in result.items() if k != "answers"}))
-    json.dump(result, open(os.path.join(os.environ.get("OUT", "/tmp"), "real-model.json"), "w"), indent=1)
+    json.dump(result, open(os.path.join(os.environ.get("OUT", "/tmp"), f"real-model{'-kv4' if args.kv4 else ''}.json"), "w"),
+              indent=1)
     if abs(result["rel_diff"]) > 0.01 or result["query_rc"] != 0:
         sys.exit(1)
 

@@ -71,13 +71,13 @@ def eval_windows(ckpt, text, n=8, seqlen=256):
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
 
 
-def simulated_logprobs(ckpt, windows):
-    """log_softmax of the simulated Atom model (runtime numerics, 16-bit KV) at each position."""
+def simulated_logprobs(ckpt, windows, kv_bits=None):
+    """log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or INT4) at each position."""
     from vllm_atom.evaluate import SimModel, checkpoint_states, load_model
     model, io_dtype = load_model(ckpt, device="cuda")
     sim = SimModel(model, io_dtype)
     _, states = checkpoint_states(sim, ckpt, device="cuda")
-    sim.add_method("atom", states, kv_bits=None)
+    sim.add_method("atom", states, kv_bits=kv_bits)
     sim.activate("atom")
     out = []
     for w in windows:
@@ -97,15 +97,29 @@ def vllm_logprobs(ckpt, windows, tmp, *extra):
     return json.load(open(res))
 
 
+KV4_ARGS = ("--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "CUSTOM")
+
+
+@pytest.mark.parametrize("kv", ["kv16", "kv4"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_vllm_atom_matches_simulated_reference(arch, tokenizer_dir, texts, tmp_path):
+def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, tmp_path):
+    """kv4: Atom's INT4 KV cache through the plugin's attention backend, graphs on, against the
+    simulation with KV quantized after RoPE; a second vLLM pass with a 64-token step budget
+    forces chunked prefill (each window is read back from INT4 pages written in earlier steps)."""
     calib, evaltext = texts
     ckpt = quantized_tiny(arch, tokenizer_dir, calib, "/tmp/atom-e2e")
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
     assert cfg["quantization_config"]["quant_method"] == "atom"
     windows = eval_windows(ckpt, evaltext)
-    sim = simulated_logprobs(ckpt, windows)
-    got = vllm_logprobs(ckpt, windows, str(tmp_path))
+    sim = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None)
+    extra = KV4_ARGS if kv == "kv4" else ()
+    got = vllm_logprobs(ckpt, windows, str(tmp_path), *extra)
+    if kv == "kv4":
+        chunked = vllm_logprobs(ckpt, windows, str(tmp_path), *extra, "--max-num-batched-tokens", "64",
+                                 "--max-num-seqs", "8")
+        d = [abs(a - b) for w1, w2 in zip(got["windows"], chunked["windows"])
+             for a, b in zip(w1["logprob"], w2["logprob"])]
+        chunk_dlp = sum(d) / len(d)
     agree = total = 0
     dlp = []
     for w, s, v in zip(windows, sim, got["windows"]):
@@ -115,10 +129,14 @@ def test_vllm_atom_matches_simulated_reference(arch, tokenizer_dir, texts, tmp_p
         total += len(w) - 1
         dlp.append((sim_lp - torch.tensor(v["logprob"])).abs())
     dlp = torch.cat(dlp)
-    result = {"arch": arch, "top1_agreement": agree / total, "tokens": total,
+    result = {"arch": arch, "kv": kv, "top1_agreement": agree / total, "tokens": total,
               "mean_abs_dlogprob": float(dlp.mean()), "max_abs_dlogprob": float(dlp.max()),
               "vllm_load_s": got["load_s"]}
+    if kv == "kv4":
+        result["chunked_vs_whole_mean_abs_dlogprob"] = chunk_dlp
     print("e2e", json.dumps(result))
-    json.dump(result, open(os.path.join(OUT, f"e2e-{arch}.json"), "w"))
+    json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-{kv}.json"), "w"))
+    if kv == "kv4":
+        assert chunk_dlp < 0.05, result
     assert result["top1_agreement"] >= 0.93, result
     assert result["mean_abs_dlogprob"] < 0.12, result

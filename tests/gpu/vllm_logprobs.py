@@ -1,6 +1,7 @@
 """Prompt logprobs of token windows through vLLM (run in its own process by the GPU tests).
 
     python tests/gpu/vllm_logprobs.py CKPT IDS.json OUT.json [--enforce-eager] [--kv-cache-dtype D]
+        [--attention-backend B] [--max-num-batched-tokens N] [--max-num-seqs N]
 
 IDS.json: a list of token-id lists. OUT.json: per window, for positions 1.., the logprob
 vLLM gives the actual next token and vLLM's own top-1 token id, plus the run's settings.
@@ -22,6 +23,9 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     args = ap.parse_args()
@@ -30,7 +34,9 @@ def main() -> None:
     t0 = time.time()
     llm = LLM(model=args.ckpt, dtype=args.dtype, max_model_len=max(len(w) for w in windows) + 16,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=False, seed=0)
+              kv_cache_dtype=args.kv_cache_dtype, attention_backend=args.attention_backend,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              max_num_seqs=args.max_num_seqs, enable_prefix_caching=False, seed=0)
     load_s = time.time() - t0
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
     t0 = time.time()

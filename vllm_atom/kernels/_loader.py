@@ -15,7 +15,7 @@ import numpy as np
 from cupy_backends.cuda.libs import nvrtc
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SOURCES = ("act_quant.cu", "w4a4_gemm.cu")
+SOURCES = ("act_quant.cu", "w4a4_gemm.cu", "kv_int4.cu")
 
 
 class KernelCompileError(RuntimeError):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import (
@@ -24,10 +25,15 @@ from vllm_atom.format import is_quantized_linear
 
 logger = init_logger(__name__)
 
-_KV16 = (
-    "This Atom checkpoint was quantized for an INT4 KV cache (kv_bits=4), but vllm-atom does "
-    "not serve an INT4 cache yet: the KV cache stays 16-bit (or what --kv-cache-dtype asks "
-    "for). Accuracy is that of `vllm-atom eval ... --methods atom`, not atom-kv4.")
+_KV_SWITCH = ("--kv-cache-dtype int4_per_token_head --attention-backend CUSTOM (in Python: "
+              "LLM(..., kv_cache_dtype='int4_per_token_head', attention_backend='CUSTOM'))")
+_KV_OFF = (
+    "This Atom checkpoint was quantized for an INT4 KV cache (kv_bits=4), but the KV cache is "
+    "{dtype} with the {backend} attention backend. To serve Atom's INT4 KV cache (3.8x the tokens "
+    "of bf16) add " + _KV_SWITCH + ".")
+_KV_INTREE = (
+    "--kv-cache-dtype int4_per_token_head without --attention-backend CUSTOM runs vLLM's own INT4 "
+    "format (Hadamard-rotated, integer zero point), not Atom's. For Atom's numerics use " + _KV_SWITCH + ".")
 
 _NOT_ATOM = (
     "--quantization atom needs an Atom checkpoint, but {model} has no "
@@ -78,10 +84,11 @@ class AtomQuantConfig(QuantizationConfig):
         # --quantization atom on a model whose config.json has no quantization_config.
         if not self._from_checkpoint:
             raise ValueError(_NOT_ATOM.format(model=model_name))
-        if self.atom.kv_bits == 4:
-            logger.warning(_KV16)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, Attention):
+            self._check_kv_cache(layer)
+            return None
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head and attention stay 16-bit here
         if not self._from_checkpoint:
@@ -91,3 +98,11 @@ class AtomQuantConfig(QuantizationConfig):
         from vllm_atom.serve.linear import AtomLinearMethod
 
         return AtomLinearMethod(self.atom)
+
+    def _check_kv_cache(self, layer: Attention) -> None:
+        """Tell the user how to get Atom's INT4 KV cache when it is not what runs."""
+        dtype, backend = layer.kv_cache_dtype, layer.attn_backend.get_name()
+        if dtype == "int4_per_token_head" and backend != "CUSTOM":
+            logger.warning_once(_KV_INTREE)
+        elif self.atom.kv_bits == 4 and dtype != "int4_per_token_head":
+            logger.warning_once(_KV_OFF.format(dtype=dtype, backend=backend))
