@@ -192,6 +192,7 @@ class AtomInt4:
         self.hq, self.hkv, self.hd = shape
         self.kv_cache = torch.zeros(num_blocks, self.hkv, BLOCK, 2 * (self.hd // 2 + 4), dtype=torch.uint8,
                                     device=dev)
+        kv_int4.prepare(self.hd, torch.bfloat16, self.kv_cache.device)  # compile before any graph capture
 
     def write(self, key, value, slots):
         self.kv.write_kv_int4(key, value, self.kv_cache, slots)
@@ -355,8 +356,9 @@ def plot(rows, impls, batches, contexts, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next((i for i in ("fa3-fp8", "fa3-bf16") if i in impls), impls[0])
     t = {(r["impl"], r["batch"], r["context"]): r for r in rows if r["us"] is not None}
+    ran = [i for i in ("fa3-fp8", "fa3-bf16", *impls) if any(k[0] == i for k in t)]
+    base = ran[0] if ran else impls[0]
     fig, axes = plt.subplots(2, len(contexts), figsize=(4.2 * len(contexts), 7), squeeze=False)
     for j, ctx in enumerate(contexts):
         for impl in impls:
