@@ -110,3 +110,8 @@ def test_ladder_rows_and_rtn_checkpoint_equals_clip_step(tmp_path):
     alone = evaluate(tmp_path / "rtn", src / "eval.txt", seqlen=128, max_tokens=512, progress=False)
     assert [r["method"] for r in alone] == ["atom-kv4"] and alone[0]["kl"] is None
     assert alone[0]["ppl"] == by["atom-kv4"]["ppl"]
+    # unquantized ops in the model's 16-bit dtype (vLLM's numerics): close, not identical
+    half = evaluate(tmp_path / "rtn", src / "eval.txt", seqlen=128, max_tokens=512, progress=False,
+                    pipeline="16bit")
+    assert half[0]["pipeline"] == "16bit" and alone[0]["pipeline"] == "fp32"
+    assert half[0]["ppl"] != alone[0]["ppl"] and abs(half[0]["ppl"] / alone[0]["ppl"] - 1) < 0.1

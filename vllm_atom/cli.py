@@ -51,7 +51,7 @@ def _eval(args) -> int:
     rows = evaluate(args.model, _text_path(args.text), seqlen=args.seqlen, max_tokens=args.max_tokens,
                     methods=methods, checkpoint=args.checkpoint, device=args.device,
                     model_name=args.model_name, text_name=args.text if not Path(args.text).is_file()
-                    else None)
+                    else None, pipeline=args.pipeline)
     for r in rows:
         kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
         top1 = "-" if r["top1"] is None else f"{100 * r['top1']:.2f}%"
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None, help="default: the whole text")
     e.add_argument("--device", default="cpu")
     e.add_argument("--model-name", default=None, help="model name in the result rows")
+    e.add_argument("--pipeline", choices=("fp32", "16bit"), default="fp32",
+                   help="unquantized ops in fp32 (rounding only where the runtime quantizes) or in the "
+                        "model's 16-bit dtype, as vLLM computes them")
     e.add_argument("--json", default=None, help="merge rows into this JSON list")
     e.set_defaults(fn=_eval)
     return ap

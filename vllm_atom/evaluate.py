@@ -192,8 +192,13 @@ def ladder_states(sim: SimModel, method: str, atom_states: Optional[list], cfg: 
 def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = None,
              methods: Optional[Sequence[str]] = None, checkpoint=None, device: str = "cpu",
              model_name: Optional[str] = None, text_name: Optional[str] = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, pipeline: str = "fp32") -> list[dict]:
     """Evaluate ``methods`` on ``text``; one result row per method.
+
+    ``pipeline``: "fp32" computes the unquantized ops (norms, RoPE, attention, residuals) in
+    fp32 and rounds only where the runtime quantizes; "16bit" computes them in the model's
+    16-bit dtype, as vLLM does. INT4 rounding turns 1-ulp differences into whole steps, so the
+    two differ by a few percent of perplexity on small models (docs/accuracy.md).
 
     ``model_path`` is the 16-bit model (then ``checkpoint`` supplies reorder and GPTQ
     weights for the ladder steps that need them) or an Atom checkpoint (then the only
@@ -203,6 +208,8 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    if pipeline not in ("fp32", "16bit"):
+        raise ValueError(f"pipeline must be 'fp32' or '16bit', got {pipeline!r}")
     t0 = time.time()
     ckpt_only = is_atom_checkpoint(model_path)
     if ckpt_only:
@@ -237,6 +244,8 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
             sim.add_method(m, atom, 4)
         elif m != "fp16":
             sim.add_method(m, ladder_states(sim, m, atom, cfg))
+    if pipeline == "16bit":
+        model.to(io_dtype)
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
     windows = eval_windows(tok, text, seqlen, max_tokens)
@@ -248,13 +257,13 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
         logp_fp = None
         if not ckpt_only:
             sim.activate("fp16")
-            logp_fp = torch.log_softmax(sim.logits(ids)[:-1], -1)
+            logp_fp = torch.log_softmax(sim.logits(ids)[:-1].float(), -1)
         for m in methods:
             if m == "fp16" and logp_fp is not None:
                 logp = logp_fp
             else:
                 sim.activate(m)
-                logp = torch.log_softmax(sim.logits(ids)[:-1], -1)
+                logp = torch.log_softmax(sim.logits(ids)[:-1].float(), -1)
             a = acc[m]
             a["nll"] -= float(logp.gather(1, target[:, None]).sum())
             if logp_fp is not None:
@@ -279,6 +288,7 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
             "kl": None if ckpt_only else round(a["kl"] / n_pred, 5),
             "top1": None if ckpt_only else round(a["top1"] / n_pred, 4),
             "kv_bits": sim.kv[m],
+            "pipeline": pipeline,
             "seconds_total": seconds,
         })
     return rows
