@@ -188,6 +188,25 @@ def test_untouched_slots_stay(backend):
     assert changed.sum() == 8
 
 
+def test_kernels_refuse_bad_inputs():
+    from vllm_atom.kernels import kv_int4
+
+    p = Paged([16])
+    q, k, v, slots, qsl, seq_lens, bt = p.step([(0, 0, 16)], torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim in"):
+        kv_int4.write_kv_int4(k[..., :32], v[..., :32], p.cache, slots)
+    with pytest.raises(ValueError, match="slot_mapping must be int64"):
+        kv_int4.write_kv_int4(k, v, p.cache, slots.int())
+    with pytest.raises(ValueError, match="must be uint8"):
+        kv_int4.write_kv_int4(k, v, p.cache.view(torch.int8), slots)
+    with pytest.raises(ValueError, match="int32"):
+        kv_int4.attention_int4(q, p.cache, qsl.long(), seq_lens, bt, 16, 0.1)
+    with pytest.raises(ValueError, match="is on meta but the KV cache is on cpu"):
+        kv_int4.attention_int4(q, p.cache, qsl, seq_lens.to("meta"), bt, 16, 0.1)
+    with pytest.raises(ValueError, match="out must be"):
+        kv_int4.attention_int4(q, p.cache, qsl, seq_lens, bt, 16, 0.1, out=torch.empty_like(q, dtype=torch.float16))
+
+
 class FakeAttention:
     def __init__(self, dtype, backend):
         self.kv_cache_dtype = dtype

@@ -47,6 +47,12 @@ def check_cache(kv_cache: torch.Tensor, head_dim: int) -> None:
                          f"got strides {kv_cache.stride()}")
 
 
+def _same_device(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
+    for name, x in tensors.items():
+        if x.device != kv_cache.device:
+            raise ValueError(f"{name} is on {x.device} but the KV cache is on {kv_cache.device}")
+
+
 def decode_splits(num_reqs: int, num_kv_heads: int) -> int:
     """Split-K factor for a decode batch: depends on the batch shape only (CUDA-graph safe). At
     least WARPS, so that every warp of a CTA (one (request, KV head) per CTA) has a split."""
@@ -83,6 +89,7 @@ def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
         if x.dim() != 3 or x.shape[1:] != (h, d) or x.shape[0] < n or x.stride(2) != 1 or x.dtype not in _DTYPES:
             raise ValueError(f"{name} must be bf16/fp16 [>= {n}, {h}, {d}] with a contiguous last dim, "
                              f"got {x.dtype} {list(x.shape)} strides {x.stride()}")
+    _same_device(kv_cache, key=key, value=value, slot_mapping=slot_mapping)
     if value.dtype != key.dtype or slot_mapping.dtype != torch.int64:
         raise ValueError(f"key/value dtypes must match and slot_mapping must be int64, got "
                          f"{key.dtype}/{value.dtype}/{slot_mapping.dtype}")
@@ -127,6 +134,8 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
                          "(block_table rows contiguous)")
     if out is None:
         out = torch.empty_like(query)
+    _same_device(kv_cache, query=query, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                 block_table=block_table, out=out)
     if out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1 or \
             out.stride(1) % 8 or out.stride(0) % 8 or out.data_ptr() % 16:
         raise ValueError(f"out must be {query.dtype} {list(query.shape)} with 16-byte aligned rows, "

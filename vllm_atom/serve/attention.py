@@ -34,7 +34,6 @@ from vllm_atom.kernels import kv_int4
 logger = init_logger(__name__)
 
 KV_CACHE_DTYPE = "int4_per_token_head"
-SWITCH = f"--kv-cache-dtype {KV_CACHE_DTYPE} --attention-backend CUSTOM"
 
 
 def _compile_for_current_model(head_size: int) -> None:
