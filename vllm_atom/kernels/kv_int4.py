@@ -29,16 +29,17 @@ MAX_SPLITS = 64
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-def record_bytes(head_dim: int) -> int:
-    return reference.kv_record_bytes(head_dim)
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"Atom INT4 KV cache supports head_dim in {HEAD_DIMS}, got {head_dim}")
 
 
 def check_cache(kv_cache: torch.Tensor, head_dim: int) -> None:
     """ValueError unless kv_cache is a uint8 [num_blocks, H, block, 2*(D/2+4)] the kernels can read."""
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"Atom INT4 KV cache supports head_dim in {HEAD_DIMS}, got {head_dim}")
-    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[3] != record_bytes(head_dim):
-        raise ValueError(f"INT4 KV cache must be uint8 [num_blocks, heads, block_size, {record_bytes(head_dim)}] "
+    _check_head_dim(head_dim)
+    rec = reference.kv_record_bytes(head_dim)
+    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[3] != rec:
+        raise ValueError(f"INT4 KV cache must be uint8 [num_blocks, heads, block_size, {rec}] "
                          f"for head_dim {head_dim}, got {kv_cache.dtype} {list(kv_cache.shape)}")
     if kv_cache.shape[2] % TILE:
         raise ValueError(f"INT4 KV cache block_size must be a multiple of {TILE}, got {kv_cache.shape[2]}")
@@ -73,7 +74,7 @@ def _kernel(name: str, head_dim: int, dtype: torch.dtype, device: torch.device):
 
 def prepare(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
     """Compile and load every kernel for (head_dim, dtype) before any CUDA-graph capture."""
-    check_cache(torch.empty(0, 1, TILE, record_bytes(head_dim), dtype=torch.uint8), head_dim)
+    _check_head_dim(head_dim)
     if device.type == "cuda":
         for name in ("kv_int4_write", "kv_int4_attention", "kv_int4_attention_strided", "kv_int4_reduce"):
             _kernel(name, head_dim, dtype, device)
@@ -165,7 +166,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     else:
         po = pml = 0
     s = kv_cache.stride()
-    rec = record_bytes(d)
+    rec = reference.kv_record_bytes(d)
     # vLLM's HND layout keeps each 16-token (block, head) tile contiguous: staged by cp.async.
     tiles = s[2] == rec and s[1] % 16 == 0 and s[0] % 16 == 0 and kv_cache.data_ptr() % 16 == 0
     name, smem = ("kv_int4_attention", WARPS * STAGES * TILE * rec) if tiles else ("kv_int4_attention_strided", 0)
