@@ -233,21 +233,29 @@ __device__ __forceinline__ void attend(const u32 (&qf)[D / 16][4], const float (
       }
     }
   }
-  float base[2];
+  // New running max; the accumulators are rescaled only when some row's max moved in this
+  // tile (alpha = 1 exactly otherwise), which after the first tiles of a decode is rare.
+  float base[2], mn[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float mn = fmaxf(m[r], quad_max(mt[r]));
-    base[r] = mn == NEG_INF ? 0.0f : mn;
-    const float alpha = fast_exp2(m[r] - base[r]);
-    m[r] = mn;
-    l[r] *= alpha;
-    z[r] *= alpha;
+    mn[r] = fmaxf(m[r], quad_max(mt[r]));
+    base[r] = mn[r] == NEG_INF ? 0.0f : mn[r];
+  }
+  if (__any_sync(0xffffffffu, mn[0] != m[0] || mn[1] != m[1])) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      o[j][2 * r] *= alpha;
-      o[j][2 * r + 1] *= alpha;
+    for (int r = 0; r < 2; ++r) {
+      const float alpha = fast_exp2(m[r] - base[r]);
+      l[r] *= alpha;
+      z[r] *= alpha;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        o[j][2 * r] *= alpha;
+        o[j][2 * r + 1] *= alpha;
+      }
     }
   }
+  m[0] = mn[0];
+  m[1] = mn[1];
   // P (and P * v_scale) in the A layout of the P.V mma: k = tokens 2t, 2t+1, 2t+8, 2t+9.
   float vs[4], vz[4];
 #pragma unroll

@@ -76,6 +76,21 @@ __device__ __forceinline__ void store2(u16* out, int N, int r, int c, float v0, 
 }
 
 // N must be a multiple of 8 (checked by the wrapper): column pairs are always whole.
+// Visit one thread's output pairs inside the M x N matrix: f(mt, nt, h, row, col) covers
+// acc[mt][nt][2h], acc[mt][nt][2h+1] = out[row, col], out[row, col + 1] of the m16n8 tiles.
+template <int MT_, int NT_, typename F>
+__device__ __forceinline__ void for_each_pair(int row0, int col0, int M, int N, F&& f) {
+#pragma unroll
+  for (int mt = 0; mt < MT_; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT_; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + mt * 16 + 8 * h, col = col0 + nt * 8;
+        if (r < M && col < N) f(mt, nt, h, r, col);
+      }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 w4a4_gemm(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ qw,
           const u16* __restrict__ sw, const i8* __restrict__ wo, const u16* __restrict__ swo,
@@ -244,33 +259,19 @@ w4a4_gemm(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     fold(acc, c, fa, fb);
   }
 
+  const int row0 = m0 + wm0 + (lane >> 2), col0 = n0 + wn0 + (lane & 3) * 2;
   if (gridDim.y == 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = m0 + wm0 + mt * 16 + (lane >> 2) + 8 * h;
-          const int col = n0 + wn0 + nt * 8 + (lane & 3) * 2;
-          if (r < M && col < N) store2(out, N, r, col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1], bias);
-        }
+    for_each_pair<MT, NT>(row0, col0, M, N, [&](int mt, int nt, int h, int r, int col) {
+      store2(out, N, r, col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1], bias);
+    });
     return;
   }
 
   // Split-K: publish the partial tile; the last CTA of the tile sums all partials in split order.
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = m0 + wm0 + mt * 16 + (lane >> 2) + 8 * h;
-        const int col = n0 + wn0 + nt * 8 + (lane & 3) * 2;
-        if (r < M && col < N)
-          __stcg((float2*)(ws + ((size_t)blockIdx.y * M + r) * N + col),
-                 make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
-      }
+  for_each_pair<MT, NT>(row0, col0, M, N, [&](int mt, int nt, int h, int r, int col) {
+    __stcg((float2*)(ws + ((size_t)blockIdx.y * M + r) * N + col),
+           make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
+  });
   __threadfence();
   __syncthreads();
   __shared__ int is_last;
@@ -279,23 +280,14 @@ w4a4_gemm(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = m0 + wm0 + mt * 16 + (lane >> 2) + 8 * h;
-        const int col = n0 + wn0 + nt * 8 + (lane & 3) * 2;
-        if (r < M && col < N) {
-          float v0 = 0.0f, v1 = 0.0f;
-          for (int k = 0; k < (int)gridDim.y; ++k) {
-            const float2 p = __ldcg((const float2*)(ws + ((size_t)k * M + r) * N + col));
-            v0 += p.x;
-            v1 += p.y;
-          }
-          store2(out, N, r, col, v0, v1, bias);
-        }
-      }
+  for_each_pair<MT, NT>(row0, col0, M, N, [&](int, int, int, int r, int col) {
+    float v0 = 0.0f, v1 = 0.0f;
+    for (int k = 0; k < (int)gridDim.y; ++k) {
+      const float2 p = __ldcg((const float2*)(ws + ((size_t)k * M + r) * N + col));
+      v0 += p.x;
+      v1 += p.y;
+    }
+    store2(out, N, r, col, v0, v1, bias);
+  });
   if (tid == 0) counters[tile] = 0;
 }

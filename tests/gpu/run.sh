@@ -17,7 +17,7 @@ printf 'Metadata-Version: 2.1\nName: vllm-atom\nVersion: 0\n' > /tmp/plug/vllm_a
 printf '[vllm.general_plugins]\natom = vllm_atom.plugin:register\n' > /tmp/plug/vllm_atom-0.dist-info/entry_points.txt
 export PYTHONPATH=$PWD:/tmp/plug:$PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+echo "${ATOM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee "$OUT/commit.txt"
 
 summary=()
 step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record status and time

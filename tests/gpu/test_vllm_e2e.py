@@ -51,15 +51,15 @@ def texts(tmp_path_factory):
     return stdlib_text(str(d / "calib.txt"), 0, 40), stdlib_text(str(d / "eval.txt"), 120, 20)
 
 
-def quantized_tiny(arch, tokenizer_dir, calib, root):
+def quantized_tiny(arch, tokenizer_dir, calib, root, row_shards=1):
     from vllm_atom.config import AtomConfig
     from vllm_atom.quantize.pipeline import QuantizeOptions, quantize
 
     base = make_tiny(os.path.join(root, f"{arch}-fp16"), tokenizer_dir, arch=arch, outlier_gain=10.0,
                      logit_gain=8.0, branch_gain=0.3, emb_gain=50.0)
-    out = os.path.join(root, f"{arch}-atom")
+    out = os.path.join(root, f"{arch}-atom" + (f"-rs{row_shards}" if row_shards > 1 else ""))
     if not os.path.exists(os.path.join(out, "config.json")):
-        quantize(base, out, calib, AtomConfig(kv_bits=None),
+        quantize(base, out, calib, AtomConfig(kv_bits=None, row_shards=row_shards),
                  QuantizeOptions(nsamples=32, seqlen=256, device="cuda"), progress=False)
     return out
 
@@ -71,14 +71,18 @@ def eval_windows(ckpt, text, n=8, seqlen=256):
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
 
 
-def simulated_logprobs(ckpt, windows, kv_bits=None):
-    """log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or INT4) at each position."""
+def simulated_logprobs(ckpt, windows, kv_bits=None, pipeline="fp32"):
+    """log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or INT4) at each
+    position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does (`vllm-atom eval
+    --pipeline 16bit`)."""
     from vllm_atom.evaluate import SimModel, checkpoint_states, load_model
     model, io_dtype = load_model(ckpt, device="cuda")
     sim = SimModel(model, io_dtype)
     _, states = checkpoint_states(sim, ckpt, device="cuda")
     sim.add_method("atom", states, kv_bits=kv_bits)
     sim.activate("atom")
+    if pipeline == "16bit":
+        model.to(io_dtype)
     out = []
     for w in windows:
         logits = sim.logits(torch.tensor(w))
@@ -95,6 +99,21 @@ def vllm_logprobs(ckpt, windows, tmp, *extra):
     subprocess.run([sys.executable, os.path.join(HERE, "vllm_logprobs.py"), ckpt, ids, res, *extra],
                    check=True, env=env)
     return json.load(open(res))
+
+
+def agreement(windows, sim, got) -> dict:
+    """Top-1 agreement and |logprob difference| of vLLM's prompt logprobs against a simulation."""
+    agree = total = 0
+    dlp = []
+    for w, s, v in zip(windows, sim, got["windows"]):
+        sim_top1 = s[:-1].argmax(-1)                      # prediction for positions 1..
+        sim_lp = s[torch.arange(len(w) - 1), torch.tensor(w[1:])]
+        agree += int((sim_top1 == torch.tensor(v["top1"])).sum())
+        total += len(w) - 1
+        dlp.append((sim_lp - torch.tensor(v["logprob"])).abs())
+    dlp = torch.cat(dlp)
+    return {"top1_agreement": agree / total, "tokens": total, "mean_abs_dlogprob": float(dlp.mean()),
+            "max_abs_dlogprob": float(dlp.max())}
 
 
 KV4_ARGS = ("--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "CUSTOM")
@@ -120,23 +139,35 @@ def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, t
         d = [abs(a - b) for w1, w2 in zip(got["windows"], chunked["windows"])
              for a, b in zip(w1["logprob"], w2["logprob"])]
         chunk_dlp = sum(d) / len(d)
-    agree = total = 0
-    dlp = []
-    for w, s, v in zip(windows, sim, got["windows"]):
-        sim_top1 = s[:-1].argmax(-1)                      # prediction for positions 1..
-        sim_lp = s[torch.arange(len(w) - 1), torch.tensor(w[1:])]
-        agree += int((sim_top1 == torch.tensor(v["top1"])).sum())
-        total += len(w) - 1
-        dlp.append((sim_lp - torch.tensor(v["logprob"])).abs())
-    dlp = torch.cat(dlp)
-    result = {"arch": arch, "kv": kv, "top1_agreement": agree / total, "tokens": total,
-              "mean_abs_dlogprob": float(dlp.mean()), "max_abs_dlogprob": float(dlp.max()),
-              "vllm_load_s": got["load_s"]}
+    result = {"arch": arch, "kv": kv, **agreement(windows, sim, got), "vllm_load_s": got["load_s"]}
+    sim16 = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None, pipeline="16bit")
+    result.update({f"{k}_16bit": v for k, v in agreement(windows, sim16, got).items() if k != "tokens"})
     if kv == "kv4":
         result["chunked_vs_whole_mean_abs_dlogprob"] = chunk_dlp
     print("e2e", json.dumps(result))
     json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-{kv}.json"), "w"))
     if kv == "kv4":
         assert chunk_dlp < 0.05, result
+    assert result["top1_agreement"] >= 0.93, result
+    assert result["mean_abs_dlogprob"] < 0.12, result
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h200-x2)")
+@pytest.mark.parametrize("kv", ["kv16", "kv4"])
+def test_vllm_atom_tensor_parallel_2(kv, tokenizer_dir, texts, tmp_path):
+    """tensor_parallel_size=2 on a checkpoint quantized with row_shards=2: each rank loads its own
+    reordered slice of o_proj / down_proj (with its own outliers) and half of every column-parallel
+    layer; the simulation applies the same per-shard reorder on one device. Same bounds as TP=1."""
+    calib, evaltext = texts
+    ckpt = quantized_tiny("llama", tokenizer_dir, calib, "/tmp/atom-e2e", row_shards=2)
+    assert json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]["row_shards"] == 2
+    windows = eval_windows(ckpt, evaltext)
+    sim = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None)
+    extra = KV4_ARGS if kv == "kv4" else ()
+    got = vllm_logprobs(ckpt, windows, str(tmp_path), *extra, "--tensor-parallel-size", "2")
+    result = {"arch": "llama", "kv": kv, "tensor_parallel_size": 2, **agreement(windows, sim, got),
+              "vllm_load_s": got["load_s"]}
+    print("e2e", json.dumps(result))
+    json.dump(result, open(os.path.join(OUT, f"e2e-llama-{kv}-tp2.json"), "w"))
     assert result["top1_agreement"] >= 0.93, result
     assert result["mean_abs_dlogprob"] < 0.12, result

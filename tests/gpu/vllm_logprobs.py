@@ -1,19 +1,19 @@
 """Prompt logprobs of token windows through vLLM (run in its own process by the GPU tests).
 
     python tests/gpu/vllm_logprobs.py CKPT IDS.json OUT.json [--enforce-eager] [--kv-cache-dtype D]
-        [--attention-backend B] [--max-num-batched-tokens N] [--max-num-seqs N]
+        [--attention-backend B] [--max-num-batched-tokens N] [--max-num-seqs N] [--tensor-parallel-size N]
 
 IDS.json: a list of token-id lists. OUT.json: per window, for positions 1.., the logprob
 vLLM gives the actual next token and vLLM's own top-1 token id, plus the run's settings.
 CUDA graphs and torch.compile stay on (vLLM's defaults) unless --enforce-eager.
+With --tensor-parallel-size > 1 the all-reduce is NCCL's with NVLink multicast off
+(the GPU machines forbid multicast; vLLM's symmetric-memory all-reduce would use it).
 """
 
 import argparse
 import json
+import os
 import time
-
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
 
 
 def main() -> None:
@@ -28,7 +28,14 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     args = ap.parse_args()
+    if args.tensor_parallel_size > 1:
+        os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     windows = json.load(open(args.ids))
     t0 = time.time()
@@ -36,7 +43,8 @@ def main() -> None:
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               kv_cache_dtype=args.kv_cache_dtype, attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_num_seqs=args.max_num_seqs, enable_prefix_caching=False, seed=0)
+              max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+              enable_prefix_caching=False, seed=0)
     load_s = time.time() - t0
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
     t0 = time.time()
