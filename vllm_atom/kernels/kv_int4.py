@@ -13,6 +13,7 @@ run the reference (`vllm_atom.reference`), which is also their test oracle.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,8 +25,8 @@ HEAD_DIMS = (64, 128)
 TILE = 16  # tokens per attention tile; block_size must be a multiple
 WARPS = 4
 STAGES = 4  # cp.async ring depth per warp (cuda/kv_int4.cu)
-DECODE_WARPS = 2048  # split-K aims for about this many warps per decode launch
 MAX_SPLITS = 64
+SPLIT_COST = 0.01  # the reduce's extra traffic per split, relative to one (request, head)'s cache at ~4k
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -54,10 +55,32 @@ def _same_device(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {x.device} but the KV cache is on {kv_cache.device}")
 
 
-def decode_splits(num_reqs: int, num_kv_heads: int) -> int:
-    """Split-K factor for a decode batch: depends on the batch shape only (CUDA-graph safe). At
-    least WARPS, so that every warp of a CTA (one (request, KV head) per CTA) has a split."""
-    return max(WARPS, min(MAX_SPLITS, math.ceil(DECODE_WARPS / max(1, num_reqs * num_kv_heads))))
+def decode_splits(num_reqs: int, num_kv_heads: int, cta_slots: int, m_tiles: int = 1) -> int:
+    """Split-K factor for a decode batch, from the batch shape only (CUDA-graph safe: the real
+    sequence lengths are read on the device). A CTA runs WARPS consecutive splits of one
+    (request, KV head), so the factor is a multiple of WARPS. Every split gets 1/s of the tiles
+    and the launch runs in ceil(CTAs / cta_slots) waves, so the time goes as waves / s; the
+    smallest such cost wins (a partly empty last wave wastes its SMs), with SPLIT_COST per
+    split for the reduce. ``cta_slots``: CTAs resident on the whole GPU (`cta_slots`)."""
+    pairs = max(1, num_reqs * num_kv_heads)
+    best_cost, best = math.inf, WARPS
+    for s in range(WARPS, MAX_SPLITS + 1, WARPS):
+        ctas = pairs * math.ceil(m_tiles * s / WARPS)
+        cost = math.ceil(ctas / max(1, cta_slots)) / s * (1.0 + SPLIT_COST * s)
+        if cost < best_cost * (1.0 - 1e-9):
+            best_cost, best = cost, s
+    return best
+
+
+@functools.cache
+def cta_slots(head_dim: int, dtype: torch.dtype, device_index: int) -> int:
+    """How many CTAs of the cp.async attention kernel the GPU holds at once (occupancy x SMs)."""
+    from cupy_backends.cuda.api import driver
+
+    fn = _kernel("kv_int4_attention", head_dim, dtype, torch.device("cuda", device_index))
+    smem = WARPS * STAGES * TILE * reference.kv_record_bytes(head_dim)
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 32 * WARPS, smem)
+    return max(1, per_sm) * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _defines(head_dim: int, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
@@ -78,6 +101,7 @@ def prepare(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cuda":
         for name in ("kv_int4_write", "kv_int4_attention", "kv_int4_attention_strided", "kv_int4_reduce"):
             _kernel(name, head_dim, dtype, device)
+        cta_slots(head_dim, dtype, device.index)
 
 
 def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -155,9 +179,10 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     from vllm_atom.kernels import _loader
 
     g = hq // h
-    if num_splits is None:
-        num_splits = decode_splits(b, h) if max_query_len <= 1 else 1
     m_tiles = math.ceil(max(1, max_query_len) * g / 16)
+    if num_splits is None:
+        num_splits = decode_splits(b, h, cta_slots(d, query.dtype, query.device.index), m_tiles) \
+            if max_query_len <= 1 else 1
     dev = query.device
     if num_splits > 1:
         part_o = torch.empty((t, hq, num_splits, d), dtype=torch.float32, device=dev)
