@@ -131,6 +131,28 @@ def test_fused_layers_load_identically_and_forward_matches_reference(vllm_cpu, b
         torch.testing.assert_close(y, torch.cat(refs, 1), rtol=0, atol=0)
 
 
+def test_reference_linear_switch(vllm_cpu, monkeypatch):
+    """VLLM_ATOM_REFERENCE_LINEAR=1 makes apply run the integer-exact reference op (what the GPU
+    test compares the kernels with inside vLLM); it agrees with the default CPU op to fp32 rounding."""
+    from vllm_atom.serve.linear import REFERENCE_ENV
+
+    tensors, weights = synthetic_checkpoint(False)
+    monkeypatch.setenv(REFERENCE_ENV, "1")
+    ref_root = build_block(False)
+    monkeypatch.delenv(REFERENCE_ENV)
+    root = build_block(False)
+    load(ref_root, tensors)
+    load(root, tensors)
+    mod, ref_mod = root.model.layers[0].mlp.down_proj, ref_root.model.layers[0].mlp.down_proj
+    assert ref_mod.quant_method.use_reference and not mod.quant_method.use_reference
+    x = torch.randn(7, INTER, dtype=torch.float16)
+    q, idx = weights["mlp.down_proj"]
+    want = R.atom_linear(x, q, idx, AtomConfig().outliers_for(INTER), None, exact=True)
+    y_ref = ref_mod(x)[0]
+    torch.testing.assert_close(y_ref, want, rtol=0, atol=0)
+    torch.testing.assert_close(mod(x)[0], y_ref, rtol=2e-3, atol=2e-3)
+
+
 def _expect_load_error(vllm_cpu, mutate, match):
     tensors, _ = synthetic_checkpoint(False)
     mutate(tensors)

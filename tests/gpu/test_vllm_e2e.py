@@ -95,10 +95,10 @@ def simulated_logprobs(ckpt, windows, kv_bits=None, pipeline="fp32"):
     return out
 
 
-def vllm_logprobs(ckpt, windows, tmp, *extra):
+def vllm_logprobs(ckpt, windows, tmp, *extra, env_extra=None):
     ids, res = os.path.join(tmp, "ids.json"), os.path.join(tmp, "vllm.json")
     json.dump(windows, open(ids, "w"))
-    env = dict(os.environ, VLLM_DISABLE_COMPILE_CACHE="1")
+    env = dict(os.environ, VLLM_DISABLE_COMPILE_CACHE="1", **(env_extra or {}))
     subprocess.run([sys.executable, os.path.join(HERE, "vllm_logprobs.py"), ckpt, ids, res, *extra],
                    check=True, env=env)
     return json.load(open(res))
@@ -174,3 +174,30 @@ def test_vllm_atom_tensor_parallel_2(kv, tokenizer_dir, texts, tmp_path):
     json.dump(result, open(os.path.join(OUT, f"e2e-llama-{kv}-tp2.json"), "w"))
     assert result["top1_agreement"] >= 0.93, result
     assert result["mean_abs_dlogprob"] < 0.12, result
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_vllm_kernels_match_reference_linear_inside_vllm(arch, tokenizer_dir, texts, tmp_path):
+    """The checkpoint through vLLM twice, graphs on: with the Atom kernels, and with the pure-torch
+    reference op in every linear (VLLM_ATOM_REFERENCE_LINEAR=1, integer-exact GEMM). Norms,
+    RoPE, attention and residuals are vLLM's own compiled code in both runs, so only the linears'
+    fp32 fold order differs: this is the comparison with the simulated reference that the
+    rounding noise of the test above cannot give, with issue 5's bound of 99 % top-1."""
+    from vllm_atom.serve.linear import REFERENCE_ENV
+
+    calib, evaltext = texts
+    ckpt = quantized_tiny(arch, tokenizer_dir, calib, "/tmp/atom-e2e")
+    windows = eval_windows(ckpt, evaltext)
+    got = vllm_logprobs(ckpt, windows, str(tmp_path))
+    ref = vllm_logprobs(ckpt, windows, str(tmp_path), env_extra={REFERENCE_ENV: "1"})
+    agree = total = 0
+    dlp = []
+    for a, b in zip(got["windows"], ref["windows"]):
+        agree += sum(int(x == y) for x, y in zip(a["top1"], b["top1"]))
+        total += len(a["top1"])
+        dlp += [abs(x - y) for x, y in zip(a["logprob"], b["logprob"])]
+    result = {"arch": arch, "reference": "atom_linear_reference inside vLLM", "top1_agreement": agree / total,
+              "tokens": total, "mean_abs_dlogprob": sum(dlp) / len(dlp), "max_abs_dlogprob": max(dlp)}
+    print("e2e", json.dumps(result))
+    json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-reference-linear.json"), "w"))
+    assert result["top1_agreement"] >= 0.99, result

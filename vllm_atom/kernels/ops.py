@@ -21,17 +21,40 @@ def atom_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     w_outlier: int8 [N, O]; w_outlier_scale: fp16 [N, 1]; reorder_index: int32 [K];
     bias: [N] or None. Returns [M, N]. (Layouts of `vllm_atom.format`, one shard.)
     """
-    w = reference.QuantizedWeight.from_packed(
-        {"qweight": qweight, "w_scale": w_scale, "w_outlier": w_outlier,
-         "w_outlier_scale": w_outlier_scale})
-    kn = w.q.shape[1]
-    return reference.atom_linear(x, w, reorder_index, w_outlier.shape[1], bias,
-                                 group_size=kn // w_scale.shape[1], a_clip=a_clip)
+    return _reference_linear(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip,
+                             exact=False)
 
 
 @atom_linear.register_fake
 def _(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@torch.library.custom_op("vllm_atom::atom_linear_reference", mutates_args=())
+def atom_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                          w_outlier: torch.Tensor, w_outlier_scale: torch.Tensor,
+                          reorder_index: torch.Tensor, bias: torch.Tensor | None, a_clip: float) -> torch.Tensor:
+    """`atom_linear` by the pure-torch reference on any device, with the integer-exact GEMM
+    (`reference.w4a4_linear_exact`, float64 products): the same quantization points and group
+    fold order as the kernels. Slow; for checking the kernels inside vLLM, where everything but
+    the linears is then identical (`AtomLinearMethod` with VLLM_ATOM_REFERENCE_LINEAR=1).
+    Captures in CUDA graphs (no host synchronisation)."""
+    return _reference_linear(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip,
+                             exact=True)
+
+
+@atom_linear_reference.register_fake
+def _(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def _reference_linear(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip, exact):
+    w = reference.QuantizedWeight.from_packed(
+        {"qweight": qweight, "w_scale": w_scale, "w_outlier": w_outlier,
+         "w_outlier_scale": w_outlier_scale})
+    kn = w.q.shape[1]
+    return reference.atom_linear(x, w, reorder_index, w_outlier.shape[1], bias,
+                                 group_size=kn // w_scale.shape[1], a_clip=a_clip, exact=exact)
 
 
 # ---- Kernel-level ops: activation quantization (plain, fused with RMSNorm, fused with SiLU·up)

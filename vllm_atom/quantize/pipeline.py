@@ -74,6 +74,7 @@ class QuantizeReport:
     calib_tokens: int = 0
     layers: int = 0
     fallbacks: list = field(default_factory=list)
+    gpu_peak_gib: Optional[float] = None  # torch.cuda.max_memory_allocated on the quantizing GPU
 
 
 class InputError(ValueError):
@@ -313,4 +314,7 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     writer.finish(hf_config, cfg, source_dir=model_dir)
     report.layers = len(layers)
     report.seconds = round(time.time() - t0, 1)
+    dev = torch.device(opts.device)
+    if dev.type == "cuda":
+        report.gpu_peak_gib = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     return report

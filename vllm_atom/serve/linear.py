@@ -3,10 +3,14 @@
 create_weights registers the checkpoint tensors of `vllm_atom.format` as vLLM parameters,
 so that vLLM's own weight loaders fill QKVParallelLinear, MergedColumnParallelLinear,
 RowParallelLinear and ColumnParallelLinear (fused shards, tensor-parallel slices).
-apply runs the ``vllm_atom::atom_linear`` custom op.
+apply runs the ``vllm_atom::atom_linear`` custom op, or with VLLM_ATOM_REFERENCE_LINEAR=1 in
+the environment ``vllm_atom::atom_linear_reference`` (the pure-torch reference: slow, for
+checking the kernels inside vLLM with everything else unchanged).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from vllm.model_executor.layers.linear import (
@@ -39,6 +43,7 @@ from vllm_atom.format import (
 from vllm_atom.kernels import ops
 
 _PARAM_NAMES = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE, REORDER_INDEX)
+REFERENCE_ENV = "VLLM_ATOM_REFERENCE_LINEAR"
 
 
 @register_weight_loader_v2_supported_method
@@ -47,6 +52,7 @@ class AtomLinearMethod(LinearMethodBase):
 
     def __init__(self, atom: AtomConfig) -> None:
         self.atom = atom
+        self.use_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -117,8 +123,9 @@ class AtomLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = ops.atom_linear(x2, layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
-                            layer.reorder_index, bias, self.atom.a_clip)
+        op = ops.atom_linear_reference if self.use_reference else ops.atom_linear
+        y = op(x2, layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
+               layer.reorder_index, bias, self.atom.a_clip)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
