@@ -35,8 +35,9 @@ def atom_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch
                           w_outlier: torch.Tensor, w_outlier_scale: torch.Tensor,
                           reorder_index: torch.Tensor, bias: torch.Tensor | None, a_clip: float) -> torch.Tensor:
     """`atom_linear` by the pure-torch reference on any device, with the integer-exact GEMM
-    (`reference.w4a4_linear_exact`, float64 products): the same quantization points and group
-    fold order as the kernels. Slow; for checking the kernels inside vLLM, where everything but
+    (`reference.w4a4_linear_exact`, float64 products): the kernels' quantized integers, exact
+    integer sums and group order; only the fp32 fold rounds differently (the kernels fold with
+    two FMAs). Slow; for checking the kernels inside vLLM, where everything but
     the linears is then identical (`AtomLinearMethod` with VLLM_ATOM_REFERENCE_LINEAR=1).
     Captures in CUDA graphs (no host synchronisation)."""
     return _reference_linear(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip,
