@@ -74,22 +74,21 @@ def eval_windows(ckpt, text, n=8, seqlen=256):
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
 
 
-def simulated_logprobs(ckpt, windows, kv_bits=None, pipeline="fp32"):
-    """log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or INT4) at each
-    position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does (`vllm-atom eval
-    --pipeline 16bit`)."""
+def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",)):
+    """Per pipeline, log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or
+    INT4) at each position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does
+    (`vllm-atom eval --pipeline 16bit`). The model is loaded once; fp32 must come first."""
     from vllm_atom.evaluate import SimModel, checkpoint_states, load_model
     model, io_dtype = load_model(ckpt, device="cuda")
     sim = SimModel(model, io_dtype)
     _, states = checkpoint_states(sim, ckpt, device="cuda")
     sim.add_method("atom", states, kv_bits=kv_bits)
     sim.activate("atom")
-    if pipeline == "16bit":
-        model.to(io_dtype)
-    out = []
-    for w in windows:
-        logits = sim.logits(torch.tensor(w))
-        out.append(torch.log_softmax(logits.float(), -1).cpu())
+    out = {}
+    for pipeline in pipelines:
+        if pipeline == "16bit":
+            model.to(io_dtype)
+        out[pipeline] = [torch.log_softmax(sim.logits(torch.tensor(w)).float(), -1).cpu() for w in windows]
     del model, sim
     torch.cuda.empty_cache()
     return out
@@ -133,7 +132,7 @@ def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, t
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
     assert cfg["quantization_config"]["quant_method"] == "atom"
     windows = eval_windows(ckpt, evaltext)
-    sim = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None)
+    sims = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None, pipelines=("fp32", "16bit"))
     extra = KV4_ARGS if kv == "kv4" else ()
     got = vllm_logprobs(ckpt, windows, str(tmp_path), *extra)
     if kv == "kv4":
@@ -142,9 +141,8 @@ def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, t
         d = [abs(a - b) for w1, w2 in zip(got["windows"], chunked["windows"])
              for a, b in zip(w1["logprob"], w2["logprob"])]
         chunk_dlp = sum(d) / len(d)
-    result = {"arch": arch, "kv": kv, **agreement(windows, sim, got), "vllm_load_s": got["load_s"]}
-    sim16 = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None, pipeline="16bit")
-    result.update({f"{k}_16bit": v for k, v in agreement(windows, sim16, got).items() if k != "tokens"})
+    result = {"arch": arch, "kv": kv, **agreement(windows, sims["fp32"], got), "vllm_load_s": got["load_s"]}
+    result.update({f"{k}_16bit": v for k, v in agreement(windows, sims["16bit"], got).items() if k != "tokens"})
     if kv == "kv4":
         result["chunked_vs_whole_mean_abs_dlogprob"] = chunk_dlp
     print("e2e", json.dumps(result))
@@ -165,7 +163,7 @@ def test_vllm_atom_tensor_parallel_2(kv, tokenizer_dir, texts, tmp_path):
     ckpt = quantized_tiny("llama", tokenizer_dir, calib, "/tmp/atom-e2e", row_shards=2)
     assert json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]["row_shards"] == 2
     windows = eval_windows(ckpt, evaltext)
-    sim = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None)
+    sim = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None)["fp32"]
     extra = KV4_ARGS if kv == "kv4" else ()
     got = vllm_logprobs(ckpt, windows, str(tmp_path), *extra, "--tensor-parallel-size", "2")
     result = {"arch": "llama", "kv": kv, "tensor_parallel_size": 2, **agreement(windows, sim, got),
