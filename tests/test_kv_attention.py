@@ -114,7 +114,8 @@ def test_backend_validation(backend):
     assert backend.get_name() == "CUSTOM"
     assert reasons(backend) == []
     assert reasons(backend, head_size=64) == []
-    assert "kv_cache_dtype not supported" in reasons(backend, kv_cache_dtype="auto")
+    assert reasons(backend, kv_cache_dtype="auto") == []  # --kv-cache-dtype-skip-layers layers
+    assert "kv_cache_dtype not supported" in reasons(backend, kv_cache_dtype="fp8")
     assert "head_size not supported" in reasons(backend, head_size=96)
     assert "sliding window not supported" in reasons(backend, has_sliding_window=True)
     assert any("attention type" in r for r in reasons(backend, attn_type="encoder_only"))
@@ -208,26 +209,30 @@ def test_kernels_refuse_bad_inputs():
 
 
 class FakeAttention:
-    def __init__(self, dtype, backend):
+    def __init__(self, dtype, backend, layer=0):
         self.kv_cache_dtype = dtype
         self.attn_backend = type("B", (), {"get_name": staticmethod(lambda: backend)})
+        self.layer_name = f"model.layers.{layer}.self_attn.attn"
 
 
-@pytest.mark.parametrize("kv_bits, dtype, backend_name, says", [
-    (4, "auto", "FLASH_ATTN", "--kv-cache-dtype int4_per_token_head --attention-backend CUSTOM"),
-    (4, "fp8", "FLASH_ATTN", "the KV cache is fp8"),
-    (None, "int4_per_token_head", "TRITON_ATTN", "vLLM's own INT4 format"),
-    (4, "int4_per_token_head", "CUSTOM", None),
-    (None, "auto", "FLASH_ATTN", None),
+@pytest.mark.parametrize("kv_bits, dtype, backend_name, skip, says", [
+    (4, "auto", "FLASH_ATTN", (), "--kv-cache-dtype int4_per_token_head --attention-backend CUSTOM"),
+    (4, "fp8", "FLASH_ATTN", (), "the KV cache is fp8"),
+    (None, "int4_per_token_head", "TRITON_ATTN", (), "vLLM's own INT4 format"),
+    (4, "int4_per_token_head", "CUSTOM", (), None),
+    (None, "auto", "FLASH_ATTN", (), None),
+    (4, "auto", "CUSTOM", (0, 1), None),                       # a skip layer, kept 16-bit: right
+    (4, "int4_per_token_head", "CUSTOM", (0, 1), "--kv-cache-dtype-skip-layers 0 1"),
+    (4, "int4_per_token_head", "CUSTOM", (1,), None),          # layer 0 is not a skip layer
 ])
-def test_kv_cache_advice(monkeypatch, kv_bits, dtype, backend_name, says):
+def test_kv_cache_advice(monkeypatch, kv_bits, dtype, backend_name, skip, says):
     from vllm_atom.config import AtomConfig
     from vllm_atom.serve import config as serve_config
 
     said = []
     monkeypatch.setattr(serve_config, "Attention", FakeAttention)
     monkeypatch.setattr(serve_config.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
-    cfg = serve_config.AtomQuantConfig(AtomConfig(kv_bits=kv_bits))
+    cfg = serve_config.AtomQuantConfig(AtomConfig(kv_bits=kv_bits, kv_skip_layers=skip))
     assert cfg.get_quant_method(FakeAttention(dtype, backend_name), "model.layers.0.self_attn.attn") is None
     assert (said == []) if says is None else (len(said) == 1 and says in said[0])
 

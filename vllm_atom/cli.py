@@ -35,7 +35,8 @@ def _quantize(args) -> int:
 
     cfg = AtomConfig(n_outliers=args.n_outliers, row_shards=args.row_shards,
                      kv_bits=None if args.kv_bits == 16 else args.kv_bits,
-                     a_clip=args.a_clip, w_clip=args.w_clip)
+                     a_clip=args.a_clip, w_clip=args.w_clip, kv_smooth=args.kv_smooth,
+                     kv_skip_layers=[int(i) for i in args.kv_skip_layers.split(",") if i.strip()])
     opts = QuantizeOptions(nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                            metric=args.metric, gptq=not args.no_gptq, damp=args.damp,
                            seed=args.seed)
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-bits", type=int, choices=(4, 16), default=4)
     q.add_argument("--a-clip", type=float, default=0.9)
     q.add_argument("--w-clip", type=float, default=0.85)
+    q.add_argument("--kv-smooth", type=float, default=0.5,
+                   help="key smoothing exponent folded into q_proj/k_proj (0 = off)")
+    q.add_argument("--kv-skip-layers", default="",
+                   help="comma list of layers whose KV cache stays 16-bit (serve with vLLM's "
+                        "--kv-cache-dtype-skip-layers); e.g. 0,1 for Qwen2.5")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=_quantize)
 

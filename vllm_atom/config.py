@@ -32,6 +32,14 @@ class AtomConfig:
         a_clip: activation clip ratio: group scale = a_clip * absmax / 7.
         w_clip: weight clip ratio: group scale = w_clip * absmax / 7.
         kv_bits: 4 for Atom's INT4 KV cache, or None for a 16-bit cache.
+        kv_smooth: exponent alpha of the key smoothing folded into q_proj/k_proj by the
+            quantizer (each rotary channel pair of K divided by max|K|^alpha, Q multiplied
+            by it; attention scores unchanged) so that per-token INT4 keys are not
+            dominated by a few large channels. 0 = none (checkpoints that predate it).
+            Informational: the runtime computes the same either way.
+        kv_skip_layers: decoder layers whose KV cache stays 16-bit when kv_bits is 4 (vLLM:
+            ``--kv-cache-dtype-skip-layers``). For models whose keys carry huge biases in a
+            few layers (Qwen2.5: layers 0 and 1), where per-token INT4 keys fail.
         row_shards: tensor-parallel shard count the row-parallel layers (o_proj,
             down_proj) were reordered for; each shard has its own reorder and outliers.
         format_version: on-disk format version (see `vllm_atom.format`).
@@ -45,6 +53,8 @@ class AtomConfig:
     a_clip: float = 0.9
     w_clip: float = 0.85
     kv_bits: int | None = 4
+    kv_smooth: float = 0.5
+    kv_skip_layers: tuple[int, ...] = ()
     row_shards: int = 1
     format_version: int = FORMAT_VERSION
 
@@ -60,6 +70,12 @@ class AtomConfig:
             _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0,
                    name, v, "a number in (0, 1]")
         _check(self.kv_bits in (4, None), "kv_bits", self.kv_bits, "4 or null")
+        _check(isinstance(self.kv_smooth, (int, float)) and not isinstance(self.kv_smooth, bool)
+               and 0.0 <= self.kv_smooth <= 1.0, "kv_smooth", self.kv_smooth, "a number in [0, 1]")
+        skip = self.kv_skip_layers
+        _check(isinstance(skip, (list, tuple)) and all(_is_int(i) and i >= 0 for i in skip),
+               "kv_skip_layers", skip, "a list of layer indices")
+        object.__setattr__(self, "kv_skip_layers", tuple(sorted(set(skip))))
         _check(_is_int(self.row_shards) and self.row_shards >= 1, "row_shards", self.row_shards,
                "a positive integer")
         _check(self.format_version in SUPPORTED_FORMAT_VERSIONS, "format_version",
@@ -79,10 +95,15 @@ class AtomConfig:
                 f"of {g}: need k >= {self.n_outliers % g + g} and (k - outliers) % {g} == 0")
         return o
 
+    def kv_bits_for(self, layer: int) -> int | None:
+        """KV cache bits of decoder layer ``layer`` (None = 16-bit)."""
+        return None if layer in self.kv_skip_layers else self.kv_bits
+
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` entry of config.json."""
         d = {"quant_method": QUANT_METHOD}
         d.update(dataclasses.asdict(self))
+        d["kv_skip_layers"] = list(self.kv_skip_layers)
         return d
 
     @classmethod
@@ -100,7 +121,9 @@ class AtomConfig:
         if "format_version" not in d:
             raise ValueError("quantization_config.format_version is missing; "
                              f"this vllm-atom reads {SUPPORTED_FORMAT_VERSIONS}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        fields = {k: v for k, v in d.items() if k in known}
+        fields.setdefault("kv_smooth", 0.0)  # written before key smoothing existed
+        return cls(**fields)
 
 
 def _is_int(v: Any) -> bool:

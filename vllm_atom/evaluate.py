@@ -95,18 +95,23 @@ class SimModel:
         use_sim_attention(model)
         self.states: dict[str, list[dict[str, SimState]]] = {}
         self.kv: dict[str, Optional[int]] = {}
+        self.kv_skip: dict[str, tuple] = {}
         self.has_fp_weights = True
 
-    def add_method(self, method: str, states: Optional[list], kv_bits: Optional[int] = None) -> None:
+    def add_method(self, method: str, states: Optional[list], kv_bits: Optional[int] = None,
+                   kv_skip_layers: Sequence[int] = ()) -> None:
         self.states[method] = states
         self.kv[method] = kv_bits
+        self.kv_skip[method] = tuple(kv_skip_layers)
 
     def activate(self, method: str) -> None:
         states = self.states[method]
         for i, lins in enumerate(self.linears):
             for m, lin in lins.items():
                 lin.state = None if states is None else states[i][m]
-        set_kv_bits([layer.self_attn for layer in self.layers], self.kv[method], self.io_dtype)
+        for i, layer in enumerate(self.layers):
+            kv = None if i in self.kv_skip[method] else self.kv[method]
+            set_kv_bits([layer.self_attn], kv, self.io_dtype)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -160,7 +165,9 @@ def checkpoint_states(sim: SimModel, ckpt_dir, device="cpu") -> tuple[AtomConfig
                      for shard in split_shards(t, lay)]
             index = tensors[f"{name}.reorder_index"].to(device, torch.long)
             act = ActScheme(index, shards, lay.n_outliers, cfg.group_size, cfg.a_clip, "int8")
-            layer_states[m] = SimState(act, torch.cat(parts, 1).to(device))
+            bias = tensors.get(f"{name}.bias")
+            layer_states[m] = SimState(act, torch.cat(parts, 1).to(device),
+                                       None if bias is None else bias.to(device, torch.float32))
         states.append(layer_states)
     return cfg, states
 
@@ -241,7 +248,7 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
         if m == "atom":
             sim.add_method(m, atom)
         elif m == "atom-kv4":
-            sim.add_method(m, atom, 4)
+            sim.add_method(m, atom, 4, cfg.kv_skip_layers)
         elif m != "fp16":
             sim.add_method(m, ladder_states(sim, m, atom, cfg))
     if pipeline == "16bit":
@@ -288,6 +295,7 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
             "kl": None if ckpt_only else round(a["kl"] / n_pred, 5),
             "top1": None if ckpt_only else round(a["top1"] / n_pred, 4),
             "kv_bits": sim.kv[m],
+            **({"kv_skip_layers": list(sim.kv_skip[m])} if sim.kv_skip[m] else {}),
             "pipeline": pipeline,
             "seconds_total": seconds,
         })

@@ -18,20 +18,27 @@
 set -euo pipefail
 D=${1:?usage: qwen_ladder.sh DATA_DIR}
 OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
-SAMPLES=${SAMPLES:-128}; TOKENS=${TOKENS:-65536}
+SAMPLES=${SAMPLES:-128}; TOKENS=${TOKENS:-65536}; DEVICE=${DEVICE:-cuda}
 python3 -m pip install --no-deps --no-index -q -t /tmp/gguf-site "$D"/gguf-*.whl
 export PYTHONPATH=$PWD:/tmp/gguf-site:${PYTHONPATH:-}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "cpu ($DEVICE)"; } | tee "$OUT/device.txt"
 echo "${ATOM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee "$OUT/commit.txt"
 
-HF=/tmp/qwen2.5-coder-1.5b; CKPT=/tmp/qwen-atom
+HF=${HF:-/tmp/qwen2.5-coder-1.5b}; CKPT=${CKPT:-/tmp/qwen-atom}
 [ -f "$HF/config.json" ] || python3 -c "import sys; from vllm_atom.data import gguf_to_hf; gguf_to_hf(sys.argv[1], sys.argv[2], 'bfloat16')" "$D/qwen.gguf" "$HF"
 wiki=$(ls "$D"/wiki*.utf8); c4=$(ls "$D"/c4*.utf8); austen=$(ls "$D"/austen*)
-[ -f "$CKPT/config.json" ] || /usr/bin/time -v python3 -m vllm_atom.cli quantize "$HF" "$CKPT" \
-    --calib-text "$austen" --nsamples "$SAMPLES" --seqlen 2048 --device cuda 2>&1 | tee "$OUT/qwen-quantize.log"
+TIMEV=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v")
+[ -f "$CKPT/config.json" ] || $TIMEV python3 -m vllm_atom.cli quantize "$HF" "$CKPT" \
+    --calib-text "$austen" --nsamples "$SAMPLES" --seqlen 2048 --device "$DEVICE" ${QUANT_ARGS:-} 2>&1 | tee "$OUT/qwen-quantize.log"
+# The eval holds one fp32 copy of the linears per method (5.2 GB each for this model): the
+# whole ladder at once does not fit an 80 GB GPU, so it runs in two halves (FP16 is the KL /
+# top-1 reference of both).
 for t in "$wiki" "$c4"; do
-    python3 -m vllm_atom.cli eval "$HF" --checkpoint "$CKPT" --text "$t" --seqlen 2048 --max-tokens "$TOKENS" \
-        --device cuda --model-name Qwen2.5-Coder-1.5B-Instruct --json "$OUT/accuracy-qwen.json"
+    for methods in ${METHODS:-fp16,rtn,outliers-fp16,outliers-int8 group128,clip,atom,atom-kv4}; do
+        python3 -m vllm_atom.cli eval "$HF" --checkpoint "$CKPT" --text "$t" --seqlen 2048 --max-tokens "$TOKENS" \
+            --device "$DEVICE" --methods "$methods" --model-name Qwen2.5-Coder-1.5B-Instruct \
+            --json "$OUT/accuracy-qwen.json" 2>&1 | tr '\r' '\n' | { grep -v "Loading weights\|window/s\|s/window" || true; }
+    done
 done
 python3 - "$OUT/accuracy-qwen.json" <<'PY'
 import json, sys

@@ -5,6 +5,7 @@
 # real*). kv: the INT4 KV cache kernels; real / real_kv4: a real checkpoint served by vLLM (16-bit
 # / Atom INT4 KV cache), perplexity vs `vllm-atom eval`; they need REAL_CKPT, REAL_TEXT and
 # REAL_EXPECTED (the eval's --json with methods atom,atom-kv4) in the environment.
+# E2E_ARGS: extra pytest arguments of the e2e step (no spaces inside one); E2E_K: its -k expression.
 # Sets up the device bundle's vLLM and makes the plugin an installed distribution (vLLM finds
 # plugins through entry points in every process), runs each step, and prints a short table.
 # Logs and JSON land in $OUT (the device tool brings them back).
@@ -33,7 +34,8 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record status and time
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 has kernels && step kernels python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py
 has kv && step kv python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_int4.py
-has e2e && step e2e python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_vllm_e2e.py ${E2E_ARGS:-}
+has e2e && step e2e python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_vllm_e2e.py ${E2E_ARGS:-} \
+    ${E2E_K:+-k "$E2E_K"}
 has real && step real python3 tests/gpu/real_model_check.py "$REAL_CKPT" "$REAL_TEXT" "$REAL_EXPECTED"
 has real_kv4 && step real_kv4 python3 tests/gpu/real_model_check.py "$REAL_CKPT" "$REAL_TEXT" "$REAL_EXPECTED" --kv4
 has gemm && step gemm python3 examples/benchmarks/bench_gemm.py --out "$OUT"

@@ -54,15 +54,17 @@ def texts(tmp_path_factory):
     return stdlib_text(str(d / "calib.txt"), 0, 40), stdlib_text(str(d / "eval.txt"), 120, 20)
 
 
-def quantized_tiny(arch, tokenizer_dir, calib, root, row_shards=1):
+def quantized_tiny(arch, tokenizer_dir, calib, root, row_shards=1, kv_skip_layers=()):
     from vllm_atom.config import AtomConfig
     from vllm_atom.quantize.pipeline import QuantizeOptions, quantize
 
     base = make_tiny(os.path.join(root, f"{arch}-fp16"), tokenizer_dir, arch=arch, outlier_gain=10.0,
                      logit_gain=8.0, branch_gain=0.3, emb_gain=50.0)
-    out = os.path.join(root, f"{arch}-atom" + (f"-rs{row_shards}" if row_shards > 1 else ""))
+    out = os.path.join(root, f"{arch}-atom" + (f"-rs{row_shards}" if row_shards > 1 else "")
+                       + ("-skip" + "-".join(map(str, kv_skip_layers)) if kv_skip_layers else ""))
+    kv = dict(kv_bits=4, kv_skip_layers=kv_skip_layers) if kv_skip_layers else dict(kv_bits=None)
     if not os.path.exists(os.path.join(out, "config.json")):
-        quantize(base, out, calib, AtomConfig(kv_bits=None, row_shards=row_shards),
+        quantize(base, out, calib, AtomConfig(row_shards=row_shards, **kv),
                  QuantizeOptions(nsamples=32, seqlen=256, device="cuda"), progress=False)
     return out
 
@@ -74,7 +76,7 @@ def eval_windows(ckpt, text, n=8, seqlen=256):
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
 
 
-def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",)):
+def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",), kv_skip_layers=()):
     """Per pipeline, log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or
     INT4) at each position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does
     (`vllm-atom eval --pipeline 16bit`). The model is loaded once; fp32 must come first."""
@@ -82,7 +84,7 @@ def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",)):
     model, io_dtype = load_model(ckpt, device="cuda")
     sim = SimModel(model, io_dtype)
     _, states = checkpoint_states(sim, ckpt, device="cuda")
-    sim.add_method("atom", states, kv_bits=kv_bits)
+    sim.add_method("atom", states, kv_bits=kv_bits, kv_skip_layers=kv_skip_layers)
     sim.activate("atom")
     out = {}
     for pipeline in pipelines:
@@ -151,6 +153,31 @@ def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, t
         assert chunk_dlp < 0.05, result
     assert result["top1_agreement"] >= 0.93, result
     assert result["mean_abs_dlogprob"] < 0.12, result
+
+
+def test_vllm_kv4_skip_layers(tokenizer_dir, texts, tmp_path):
+    """A checkpoint that keeps the KV cache of layers 0 and 2 in 16 bit (kv_skip_layers, as
+    Qwen2.5 needs), served with --kv-cache-dtype-skip-layers 0 2: those layers run vLLM's Triton
+    attention over a bf16/fp16 cache inside the plugin's backend, the others Atom's INT4 cache
+    (vLLM pads both page sizes to one). Against the simulation with the same skip layers; also
+    reported: agreement with the all-INT4 simulation, which should be lower."""
+    calib, evaltext = texts
+    skip = (0, 2)
+    ckpt = quantized_tiny("llama", tokenizer_dir, calib, "/tmp/atom-e2e", kv_skip_layers=skip)
+    assert json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]["kv_skip_layers"] == [0, 2]
+    windows = eval_windows(ckpt, evaltext)
+    sim = simulated_logprobs(ckpt, windows, kv_bits=4, kv_skip_layers=skip)["fp32"]
+    sim_all = simulated_logprobs(ckpt, windows, kv_bits=4)["fp32"]
+    got = vllm_logprobs(ckpt, windows, str(tmp_path), *KV4_ARGS, "--kv-cache-dtype-skip-layers", "0", "2")
+    result = {"arch": "llama", "kv": "kv4-skip-0-2", **agreement(windows, sim, got),
+              "top1_vs_all_int4_sim": agreement(windows, sim_all, got)["top1_agreement"],
+              "mean_abs_dlogprob_vs_all_int4_sim": agreement(windows, sim_all, got)["mean_abs_dlogprob"],
+              "vllm_load_s": got["load_s"]}
+    print("e2e", json.dumps(result))
+    json.dump(result, open(os.path.join(OUT, "e2e-llama-kv4-skip.json"), "w"))
+    assert result["top1_agreement"] >= 0.93, result
+    assert result["mean_abs_dlogprob"] < 0.12, result
+    assert result["mean_abs_dlogprob"] < result["mean_abs_dlogprob_vs_all_int4_sim"], result
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h200-x2)")

@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--kv-cache-dtype-skip-layers", nargs="*", default=[])
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--dtype", default="float16")
@@ -42,6 +43,7 @@ def main() -> None:
     llm = LLM(model=args.ckpt, dtype=args.dtype, max_model_len=max(len(w) for w in windows) + 16,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               kv_cache_dtype=args.kv_cache_dtype, attention_backend=args.attention_backend,
+              kv_cache_dtype_skip_layers=args.kv_cache_dtype_skip_layers,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
               enable_prefix_caching=False, seed=0)

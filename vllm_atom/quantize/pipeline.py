@@ -4,14 +4,16 @@ Read in order: `check_model_dir` and `calibration_batches` fail fast on bad inpu
 `quantize` loads the model on CPU, captures the inputs of decoder layer 0, then for each
 decoder layer (copied to ``device`` in fp32, one at a time) runs `quantize_layer`:
 
-1. pass 1, unquantized layer: per-channel salience of each linear input (`calibration`);
+1. pass 1, unquantized layer: per-channel salience of each linear input (`calibration`)
+   and the key channel-pair maxima, then the key smoothing folded into q/k (`smooth`);
 2. reorder: one index per input (q/k/v share one, gate/up share one), outliers last;
 3. pass 2, quantized activations (and INT4 KV if configured), unquantized weights:
    one GPTQ Hessian per input, for all 7 linears in the same pass;
 4. GPTQ (or RTN) per linear and shard -> checkpoint tensors (`vllm_atom.format`);
 5. pass 3, fully quantized layer: its outputs are the next layer's inputs.
 
-Embeddings, norms, lm_head and biases are written unquantized, in the model dtype.
+Embeddings, norms, lm_head and biases are written unquantized, in the model dtype (q/k
+biases after the key smoothing).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.checkpoint import CheckpointWriter
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.reorder import input_groups, reorder_index
+from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
 from vllm_atom.quantize.simulate import (ActScheme, SimState, permute_columns, set_kv_bits,
                                          use_sim_attention, wrap_linears)
 
@@ -201,7 +204,7 @@ def _run(layer, inps, kwargs, keep: bool):
 # ---- one decoder layer ----
 
 def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: AtomConfig,
-                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str):
+                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str, kv_bits: Optional[int]):
     """Quantize one decoder layer. Returns (checkpoint tensors, next inputs, fallback notes)."""
     dev = torch.device(opts.device)
     layer = copy.deepcopy(layer_cpu).to(dev, torch.float32)
@@ -210,12 +213,23 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
     attn = [layer.self_attn]
     groups = input_groups()
 
-    # 1. salience of each input, unquantized layer
+    # 1. salience of each input, unquantized layer; key pair maxima for the key smoothing
     stats = {g: ChannelStats(lin[g].in_features, opts.metric, dev) for g in groups}
     for g in groups:
         lin[g].observer = stats[g].add
+    keys = hook = None
+    if cfg.kv_smooth > 0:
+        d = layer.self_attn.head_dim
+        keys = KeyPairMax(lin["k_proj"].out_features // d, d, dev)
+        hook = lin["k_proj"].register_forward_hook(lambda mod, inp, out: keys.add(out))
     set_kv_bits(attn, None, io_dtype)
     _run(layer, inps, kwargs, keep=False)
+    if keys is not None:
+        hook.remove()
+        fold_key_smoothing(lin["q_proj"], lin["k_proj"], smoothing_factors(keys.value, cfg.kv_smooth))
+        for m in ("q_proj", "k_proj"):  # the checkpoint stores biases in the model dtype
+            if lin[m].bias is not None:
+                lin[m].bias.data = lin[m].bias.data.to(io_dtype).float()
 
     # 2. reorder: outliers last, one index per input
     scheme = {}
@@ -235,7 +249,7 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
             lin[g].observer = hess[g].add
         for m in QUANTIZED_LINEARS:
             lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
-        set_kv_bits(attn, cfg.kv_bits, io_dtype)
+        set_kv_bits(attn, kv_bits, io_dtype)
         _run(layer, inps, kwargs, keep=False)
     for g in groups:
         lin[g].observer = None
@@ -262,11 +276,13 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
             for key, t in join_shards([q.packed() for q in shard_q]).items():
                 tensors[f"{name}.{key}"] = t.cpu()
             tensors[f"{name}.reorder_index"] = s.index.to(torch.int32).cpu()
+            if lin[m].bias is not None:  # after the key smoothing, in the model dtype
+                tensors[f"{name}.bias"] = lin[m].bias.detach().to(io_dtype).cpu()
             check_linear_tensors(name, tensors, linear_layout(w.shape[1], w.shape[0], cfg, s.shards))
             lin[m].state = SimState(s, torch.cat([ref.dequantize_weight(q) for q in shard_q], 1))
 
     # 5. the quantized layer's outputs feed the next layer
-    set_kv_bits(attn, cfg.kv_bits, io_dtype)
+    set_kv_bits(attn, kv_bits, io_dtype)
     outs = _run(layer, inps, kwargs, keep=True)
     del layer
     return tensors, outs, notes
@@ -293,8 +309,8 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     use_sim_attention(model)
     writer = CheckpointWriter(out_dir, opts.max_shard_bytes)
     # unquantized tensors first: embeddings, norms, lm_head, biases
-    quantized = {f"{LAYERS_PREFIX}.{i}.{LINEAR_PATHS[m]}.weight"
-                 for i in range(len(model.model.layers)) for m in QUANTIZED_LINEARS}
+    quantized = {f"{LAYERS_PREFIX}.{i}.{LINEAR_PATHS[m]}.{p}"  # written by quantize_layer
+                 for i in range(len(model.model.layers)) for m in QUANTIZED_LINEARS for p in ("weight", "bias")}
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, t in model.state_dict().items():
         if name not in quantized and not (tied and name == "lm_head.weight"):
@@ -306,7 +322,7 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     bar = tqdm(range(len(layers)), desc="atom quantize", unit="layer", disable=not progress)
     for i in bar:
         tensors, inps, notes = quantize_layer(layers[i], inps, kwargs, cfg, opts, io_dtype,
-                                              f"{LAYERS_PREFIX}.{i}")
+                                              f"{LAYERS_PREFIX}.{i}", cfg.kv_bits_for(i))
         writer.add_all(tensors)
         report.fallbacks += notes
         layers[i] = nn.Identity()  # free the 16-bit layer

@@ -94,10 +94,13 @@ def permute_columns(w: torch.Tensor, scheme: ActScheme) -> torch.Tensor:
 
 @dataclass
 class SimState:
-    """One quantization of a linear: activation scheme + weights in slot order (fp32)."""
+    """One quantization of a linear: activation scheme + weights in slot order (fp32), and
+    the bias to use with them (None: the module's own; a checkpoint's q/k biases carry the
+    key smoothing, see `vllm_atom.quantize.smooth`)."""
 
     act: ActScheme
     weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
 
 
 class SimLinear(nn.Module):
@@ -128,8 +131,9 @@ class SimLinear(nn.Module):
         if self.observer is not None:
             self.observer(xq)
         y = xq @ self.state.weight.T
-        if self.bias is not None:
-            y = y + self.bias.float()
+        bias = self.bias if self.state.bias is None else self.state.bias
+        if bias is not None:
+            y = y + bias.float()
         return y.to(self.io_dtype).to(x.dtype).reshape(*shape[:-1], -1)
 
 

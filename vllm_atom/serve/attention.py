@@ -11,7 +11,9 @@ It subclasses vLLM's Triton backend for everything else (cache shape, metadata),
   * the cache in HND order (a (block, head) tile is contiguous);
   * full CUDA graphs for uniform single-token decode batches only (the split-K grid depends on
     the batch size alone there); mixed batches run piecewise;
-  * decoder self-attention without sliding window, ALiBi, soft cap or sinks; head size 64/128.
+  * decoder self-attention without sliding window, ALiBi, soft cap or sinks; head size 64/128;
+  * layers that ``--kv-cache-dtype-skip-layers`` keeps 16-bit (kv_cache_dtype "auto") run the
+    Triton backend's own cache write and attention.
 See docs/kv_int4_design.md for the vLLM 0.26 details this relies on.
 """
 
@@ -51,7 +53,8 @@ class AtomInt4MetadataBuilder(TritonAttentionMetadataBuilder):
 
 
 class AtomInt4AttentionBackend(TritonAttentionBackend):
-    supported_kv_cache_dtypes: ClassVar[list] = [KV_CACHE_DTYPE]
+    # "auto": layers kept 16-bit by --kv-cache-dtype-skip-layers run vLLM's Triton attention
+    supported_kv_cache_dtypes: ClassVar[list] = [KV_CACHE_DTYPE, "auto"]
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
 
     @staticmethod
@@ -108,8 +111,10 @@ class AtomInt4AttentionImpl(TritonAttentionImpl):
                  logits_soft_cap: float | None = None, attn_type: AttentionType = AttentionType.DECODER,
                  kv_sharing_target_layer_name: int | None = None, sinks: torch.Tensor | None = None,
                  use_alibi_sqrt: bool = False, chunk_lookback: int = -1) -> None:
+        self.atom_int4 = kv_cache_dtype == KV_CACHE_DTYPE  # else a 16-bit skip layer: Triton's path
         unsupported = {
-            f"kv_cache_dtype {kv_cache_dtype!r} (needs {KV_CACHE_DTYPE!r})": kv_cache_dtype != KV_CACHE_DTYPE,
+            f"kv_cache_dtype {kv_cache_dtype!r} (needs {KV_CACHE_DTYPE!r}, or 'auto' for layers in "
+            f"--kv-cache-dtype-skip-layers)": kv_cache_dtype not in (KV_CACHE_DTYPE, "auto"),
             f"head size {head_size} (supported: {kv_int4.HEAD_DIMS})": head_size not in kv_int4.HEAD_DIMS,
             "ALiBi": alibi_slopes is not None,
             "sliding window": sliding_window is not None,
@@ -126,20 +131,26 @@ class AtomInt4AttentionImpl(TritonAttentionImpl):
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
                          use_alibi_sqrt, chunk_lookback)
         self.supports_quant_query_input = False
-        _compile_for_current_model(head_size)
-        logger.info_once("Atom INT4 KV cache attention is active (per token and head, fp16 scale and zero).")
+        if self.atom_int4:
+            _compile_for_current_model(head_size)
+            logger.info_once("Atom INT4 KV cache attention is active (per token and head, fp16 scale and zero).")
 
     def fused_output_quant_supported(self, quant_key) -> bool:
         return False
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
+        if not self.atom_int4:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         kv_int4.write_kv_int4(key, value, kv_cache, slot_mapping)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TritonAttentionMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.atom_int4:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("The Atom INT4 KV cache backend does not fuse output quantization")
         if attn_metadata is None:  # profiling run

@@ -35,6 +35,11 @@ _KV_INTREE = (
     "--kv-cache-dtype int4_per_token_head without --attention-backend CUSTOM runs vLLM's own INT4 "
     "format (Hadamard-rotated, integer zero point), not Atom's. For Atom's numerics use " + _KV_SWITCH + ".")
 
+_KV_SKIP = (
+    "This Atom checkpoint keeps the KV cache of layers {layers} in 16 bit (kv_skip_layers: their keys "
+    "do not survive per-token INT4), but they run with INT4 here. Add --kv-cache-dtype-skip-layers "
+    "{layers} (in Python: kv_cache_dtype_skip_layers=[...]).")
+
 _NOT_ATOM = (
     "--quantization atom needs an Atom checkpoint, but {model} has no "
     "quantization_config with quant_method 'atom' in its config.json. Create one with "
@@ -101,8 +106,14 @@ class AtomQuantConfig(QuantizationConfig):
 
     def _check_kv_cache(self, layer: Attention) -> None:
         """Tell the user how to get Atom's INT4 KV cache when it is not what runs."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
         dtype, backend = layer.kv_cache_dtype, layer.attn_backend.get_name()
+        skip = self.atom.kv_skip_layers
+        skipped = bool(skip) and extract_layer_index(layer.layer_name) in skip
         if dtype == "int4_per_token_head" and backend != "CUSTOM":
             logger.warning_once(_KV_INTREE)
-        elif self.atom.kv_bits == 4 and dtype != "int4_per_token_head":
+        elif self.atom.kv_bits == 4 and skipped and dtype == "int4_per_token_head":
+            logger.warning_once(_KV_SKIP.format(layers=" ".join(map(str, skip))))
+        elif self.atom.kv_bits == 4 and not skipped and dtype != "int4_per_token_head":
             logger.warning_once(_KV_OFF.format(dtype=dtype, backend=backend))
