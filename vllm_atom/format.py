@@ -15,9 +15,12 @@ tensor                      dtype    shape               meaning
 ``P.w_outlier``             int8     [N, S*Os]           INT8 weights of the outlier channels
 ``P.w_outlier_scale``       float16  [N, S]              one scale per output row (and shard)
 ``P.reorder_index``         int32    [K]                 input channel gathered into each slot
-``P.bias`` (if the model    model    [N]                 unquantized, as in the source model
-has one, Qwen2 q/k/v)       dtype
+``P.bias`` (if the model    model    [N]                 unquantized; q/k after the key smoothing
+has one, Qwen2 q/k/v)       dtype                        (``kv_smooth``), v as in the source
 ==========================  =======  ==================  ======================================
+
+q_proj / k_proj weights and biases carry the key smoothing the quantizer folds in
+(`vllm_atom.quantize.smooth`): q . k is unchanged, so readers need not undo it.
 
 Symbols: K input channels, N output channels, G = group_size (128), S = row shards
 (``AtomConfig.row_shards`` for o_proj / down_proj, 1 for every other linear), Ks = K / S

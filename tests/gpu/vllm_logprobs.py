@@ -59,9 +59,14 @@ def main() -> None:
             lp.append(d[w[pos]].logprob)
             top1.append(next(t for t, v in d.items() if v.rank == 1))
         result["windows"].append({"logprob": lp, "top1": top1})
-    json.dump(result, open(args.out, "w"))
-    print(f"vllm_logprobs: {len(windows)} windows, load {load_s:.0f} s, generate {gen_s:.1f} s")
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    print(f"vllm_logprobs: {len(windows)} windows, load {load_s:.0f} s, generate {gen_s:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # The results are on disk. Skip interpreter teardown: once in ~20 runs on the H100 the engine
+    # core's threads aborted there ("terminate called without an active exception", SIGABRT)
+    # after a complete, correct run.
+    os._exit(0)
