@@ -39,6 +39,11 @@ def test_cli_quantize_and_eval(tiny, tmp_path, capsys):
     for r in rows:
         assert {"model", "method", "text", "seqlen", "tokens", "ppl", "kl", "top1"} <= set(r)
     assert "atom-kv4" in capsys.readouterr().out
+    # the other pipeline is another row, not a replacement
+    assert main(args + ["--methods", "atom-kv4", "--pipeline", "16bit"]) == 0
+    rows = json.loads(res.read_text())
+    assert [(r["method"], r["pipeline"]) for r in rows] == [
+        ("fp16", "fp32"), ("rtn", "fp32"), ("atom-kv4", "fp32"), ("atom-kv4", "16bit")]
 
 
 def test_cli_errors_exit_2(tiny, tmp_path, capsys):

@@ -1,12 +1,15 @@
 """Simulated evaluation: a saved checkpoint run through `vllm_atom.reference` (exact
 kernel-order GEMM) gives the logits of the simulated eval; ladder bookkeeping."""
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
 from vllm_atom import reference as ref
 from vllm_atom.config import AtomConfig
-from vllm_atom.evaluate import SimModel, checkpoint_states, evaluate, load_model
+from vllm_atom.evaluate import SimModel, checkpoint_states, evaluate, load_model, paired_ppl_ratio
 from vllm_atom.format import QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, linear_layout
 from vllm_atom.quantize import QuantizeOptions, quantize
 from vllm_atom.quantize.checkpoint import load_checkpoint
@@ -106,6 +109,9 @@ def test_ladder_rows_and_rtn_checkpoint_equals_clip_step(tmp_path):
     assert by["rtn"]["kl"] > by["clip"]["kl"]
     for r in rows:
         assert r["tokens"] == 512 and r["seqlen"] == 128 and r["ppl"] > 1
+        # per-window NLLs add up to the perplexity
+        assert len(r["window_nll"]) == 4
+        assert math.isclose(math.exp(sum(r["window_nll"]) / r["predicted_tokens"]), r["ppl"], rel_tol=1e-4)
     # the checkpoint alone: PPL only, same number as in the ladder
     alone = evaluate(tmp_path / "rtn", src / "eval.txt", seqlen=128, max_tokens=512, progress=False)
     assert [r["method"] for r in alone] == ["atom-kv4"] and alone[0]["kl"] is None
@@ -115,3 +121,21 @@ def test_ladder_rows_and_rtn_checkpoint_equals_clip_step(tmp_path):
                     pipeline="16bit")
     assert half[0]["pipeline"] == "16bit" and alone[0]["pipeline"] == "fp32"
     assert half[0]["ppl"] != alone[0]["ppl"] and abs(half[0]["ppl"] / alone[0]["ppl"] - 1) < 0.1
+    paired = paired_ppl_ratio(half[0]["window_nll"], alone[0]["window_nll"], 127)
+    assert paired["windows"] == 4 and paired["rel_se"] > 0
+    assert math.isclose(paired["rel"], half[0]["ppl"] / alone[0]["ppl"] - 1, abs_tol=1e-4)
+
+
+def test_paired_ppl_ratio():
+    # B = A + 0.1 nats per prediction in every window: ratio exp(-0.1) - 1 with no spread
+    a, b = [100.0, 120.0, 90.0], [110.0, 130.0, 100.0]
+    r = paired_ppl_ratio(a, b, 100)
+    assert math.isclose(r["rel"], math.exp(-0.1) - 1) and r["rel_se"] < 1e-12
+    # only the last window disagrees (by 4 nats per prediction): mean log ratio -1, and a
+    # standard error from the spread of the four
+    r = paired_ppl_ratio([0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 40.0], 10)
+    d = torch.tensor([0.0, 0.0, 0.0, -4.0], dtype=torch.float64)
+    assert math.isclose(r["rel"], math.exp(-1.0) - 1)
+    assert math.isclose(r["rel_se"], math.exp(-1.0) * float(d.std()) / 2)
+    with pytest.raises(ValueError, match="same non-zero number of windows"):
+        paired_ppl_ratio([1.0], [1.0, 2.0], 10)

@@ -3,7 +3,7 @@ and `vllm_atom.evaluate`, imported per subcommand).
 
     vllm-atom quantize MODEL_DIR OUT_DIR --calib-text FILE [--nsamples 128 --seqlen 2048
         --device cpu|cuda --metric hessian|abs_mean --no-gptq --n-outliers 128
-        --row-shards 1 --kv-bits 4|16]
+        --row-shards 1 --kv-bits 4|16 --kv-smooth 0.5 --kv-skip-layers 0,1|auto]
     vllm-atom eval MODEL_OR_CKPT --text FILE [--checkpoint CKPT --methods fp16,rtn,...
         --seqlen 2048 --max-tokens N --device cpu --json OUT]
 
@@ -29,17 +29,45 @@ def _text_path(name: str) -> Path:
     return find_text(name)
 
 
+def _kv_skip_layers(spec: str) -> tuple[list[int], float | None]:
+    """'0,1' -> ([0, 1], None); 'auto' / 'auto=0.4' (alone or with indices) -> a threshold
+    for `vllm_atom.quantize.kv_sensitivity` (default DEFAULT_KV_SKIP_THRESHOLD)."""
+    from vllm_atom.quantize.kv_sensitivity import DEFAULT_KV_SKIP_THRESHOLD
+
+    layers, threshold = [], None
+    for item in (i.strip() for i in spec.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if name == "auto" and (not value or _is_positive_float(value)):
+            threshold = float(value) if value else DEFAULT_KV_SKIP_THRESHOLD
+        elif item.isdigit():
+            layers.append(int(item))
+        else:
+            raise ValueError(f"--kv-skip-layers: {item!r} is neither a layer index nor "
+                             f"auto[=THRESHOLD > 0]")
+    return layers, threshold
+
+
+def _is_positive_float(s: str) -> bool:
+    try:
+        return float(s) > 0
+    except ValueError:
+        return False
+
+
 def _quantize(args) -> int:
     from vllm_atom.config import AtomConfig
     from vllm_atom.quantize import QuantizeOptions, quantize
 
+    skip, threshold = _kv_skip_layers(args.kv_skip_layers)
     cfg = AtomConfig(n_outliers=args.n_outliers, row_shards=args.row_shards,
                      kv_bits=None if args.kv_bits == 16 else args.kv_bits,
                      a_clip=args.a_clip, w_clip=args.w_clip, kv_smooth=args.kv_smooth,
-                     kv_skip_layers=[int(i) for i in args.kv_skip_layers.split(",") if i.strip()])
+                     kv_skip_layers=skip)
     opts = QuantizeOptions(nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                            metric=args.metric, gptq=not args.no_gptq, damp=args.damp,
-                           seed=args.seed)
+                           seed=args.seed, kv_skip_threshold=threshold)
     report = quantize(args.model_dir, args.out_dir, _text_path(args.calib_text), cfg, opts)
     print(json.dumps(vars(report), indent=2))
     return 0
@@ -61,7 +89,8 @@ def _eval(args) -> int:
     if args.json:
         out = Path(args.json)
         old = json.loads(out.read_text()) if out.is_file() else []
-        key = lambda r: (r["model"], r["method"], r["text"], r["seqlen"])  # noqa: E731
+        key = lambda r: (r["model"], r["method"], r["text"], r["seqlen"],  # noqa: E731
+                         r.get("pipeline", "fp32"))
         new_keys = {key(r) for r in rows}
         merged = [r for r in old if key(r) not in new_keys] + rows
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key smoothing exponent folded into q_proj/k_proj (0 = off)")
     q.add_argument("--kv-skip-layers", default="",
                    help="comma list of layers whose KV cache stays 16-bit (serve with vLLM's "
-                        "--kv-cache-dtype-skip-layers); e.g. 0,1 for Qwen2.5")
+                        "--kv-cache-dtype-skip-layers), e.g. 0,1; 'auto' (or auto=THRESHOLD) "
+                        "also keeps every layer whose attention output INT4 K/V change by more "
+                        "than THRESHOLD (relative L2, default 0.5) on the calibration data")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=_quantize)
 

@@ -211,6 +211,9 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
     weights for the ladder steps that need them) or an Atom checkpoint (then the only
     method is the checkpoint itself, ``atom`` or ``atom-kv4`` by its kv_bits, and KL /
     top-1 are not available).
+
+    Each row also holds ``window_nll``: the summed NLL of every window (seqlen - 1
+    predictions each), in window order, for paired comparisons (`paired_ppl_ratio`).
     """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -256,7 +259,7 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
     windows = eval_windows(tok, text, seqlen, max_tokens)
-    acc = {m: {"nll": 0.0, "kl": 0.0, "top1": 0} for m in methods}
+    acc = {m: {"nll": 0.0, "kl": 0.0, "top1": 0, "window_nll": []} for m in methods}
     n_pred = 0
     bar = tqdm(windows, desc="atom eval", unit="window", disable=not progress)
     for ids in bar:
@@ -272,7 +275,9 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
                 sim.activate(m)
                 logp = torch.log_softmax(sim.logits(ids)[:-1].float(), -1)
             a = acc[m]
-            a["nll"] -= float(logp.gather(1, target[:, None]).sum())
+            nll = -float(logp.gather(1, target[:, None]).sum())
+            a["nll"] += nll
+            a["window_nll"].append(round(nll, 4))
             if logp_fp is not None:
                 a["kl"] += float((logp_fp.exp() * (logp_fp - logp)).sum())
                 a["top1"] += int((logp.argmax(-1) == logp_fp.argmax(-1)).sum())
@@ -298,5 +303,26 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
             **({"kv_skip_layers": list(sim.kv_skip[m])} if sim.kv_skip[m] else {}),
             "pipeline": pipeline,
             "seconds_total": seconds,
+            "window_nll": a["window_nll"],
         })
     return rows
+
+
+def paired_ppl_ratio(window_nll_a: Sequence[float], window_nll_b: Sequence[float],
+                     predictions_per_window: int) -> dict:
+    """Perplexity of A relative to B over the same windows, with its noise.
+
+    ``window_nll_*``: summed NLL per window (same windows, same order, ``predictions_per_window``
+    predictions each). Returns ``rel`` = ppl_A / ppl_B - 1 and ``rel_se``, the standard error
+    of that ratio from the spread of the per-window log ratios (delta method; 0 for one
+    window). Two pipelines that differ only in rounding make INT4 round differently and
+    disagree window by window; ``rel_se`` says how far apart that alone moves them.
+    """
+    if len(window_nll_a) != len(window_nll_b) or not window_nll_a:
+        raise ValueError(f"need the same non-zero number of windows, got {len(window_nll_a)} "
+                         f"and {len(window_nll_b)}")
+    d = torch.tensor([(a - b) / predictions_per_window for a, b in zip(window_nll_a, window_nll_b)],
+                     dtype=torch.float64)
+    mean = float(d.mean())
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"rel": math.exp(mean) - 1, "rel_se": math.exp(mean) * se, "windows": len(d)}

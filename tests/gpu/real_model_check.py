@@ -6,7 +6,10 @@ logprobs is compared with `vllm-atom eval`'s simulated number on the same window
 
 EXPECTED.json is the output of `vllm-atom eval CKPT --text TEXT --seqlen S --max-tokens N
 --methods atom,atom-kv4 --json EXPECTED.json` (run on the CPU machine); the row of method
-atom (or atom-kv4 with --kv4, which serves with Atom's INT4 KV cache) is the target.
+atom (or atom-kv4 with --kv4, which serves with Atom's INT4 KV cache) and pipeline
+--pipeline (default fp32, `vllm-atom eval`'s default) is the target. Rows of the other
+pipeline (`--pipeline 16bit` into the same JSON) are compared too and reported. Rows with
+per-window NLLs also give the paired standard error of the difference (`rel_se`).
 Writes $OUT/real-model[-kv4].json.
 """
 
@@ -59,6 +62,7 @@ def main() -> None:
     ap.add_argument("text")
     ap.add_argument("expected")
     ap.add_argument("--kv4", action="store_true", help="serve with Atom's INT4 KV cache")
+    ap.add_argument("--pipeline", default="fp32", help="the simulation row that is the target")
     args = ap.parse_args()
     extra = KV4_ARGS if args.kv4 else []
     from transformers import AutoTokenizer
@@ -68,7 +72,8 @@ def main() -> None:
     expected = json.load(open(args.expected))
     rows = expected if isinstance(expected, list) else expected.get("rows", [expected])
     method = "atom-kv4" if args.kv4 else "atom"
-    row = next(r for r in rows if r.get("method", method) == method)
+    mine = [r for r in rows if r.get("method", method) == method]
+    row = next(r for r in mine if r.get("pipeline", "fp32") == args.pipeline)
     seqlen, tokens = int(row["seqlen"]), int(row["tokens"])
     result = {"expected": row}
     result.update(serve_and_query(args.ckpt, extra, '-kv4' if args.kv4 else ''))
@@ -84,6 +89,19 @@ def main() -> None:
     ppl = math.exp(-sum(lps) / len(lps))
     result.update({"vllm_ppl": ppl, "vllm_tokens": len(lps), "sim_ppl": row["ppl"],
                    "rel_diff": ppl / row["ppl"] - 1})
+    # Paired over windows: how far vLLM and the simulation disagree window by window (INT4
+    # rounding flips), i.e. the noise on rel_diff.
+    from vllm_atom.evaluate import paired_ppl_ratio
+    vllm_nll = [-sum(w["logprob"]) for w in got["windows"]]
+    result["by_pipeline"] = {}
+    for r in mine:
+        if int(r["seqlen"]) != seqlen or int(r["tokens"]) != tokens:
+            continue
+        cmp = {"sim_ppl": r["ppl"], "rel_diff": ppl / r["ppl"] - 1}
+        if r.get("window_nll"):
+            cmp["rel_se"] = paired_ppl_ratio(vllm_nll, r["window_nll"], seqlen - 1)["rel_se"]
+        result["by_pipeline"][r.get("pipeline", "fp32")] = cmp
+    result["rel_se"] = result["by_pipeline"][args.pipeline].get("rel_se")
     print("real-model", json.dumps({k: v for k, v in result.items() if k != "answers"}))
     json.dump(result, open(os.path.join(os.environ.get("OUT", "/tmp"), f"real-model{'-kv4' if args.kv4 else ''}.json"), "w"),
               indent=1)

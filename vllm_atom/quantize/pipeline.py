@@ -6,6 +6,8 @@ decoder layer (copied to ``device`` in fp32, one at a time) runs `quantize_layer
 
 1. pass 1, unquantized layer: per-channel salience of each linear input (`calibration`)
    and the key channel-pair maxima, then the key smoothing folded into q/k (`smooth`);
+   with INT4 KV, the attention output error it causes (`kv_sensitivity`), which keeps the
+   layer's KV 16-bit if over ``kv_skip_threshold`` (``--kv-skip-layers auto``);
 2. reorder: one index per input (q/k/v share one, gate/up share one), outliers last;
 3. pass 2, quantized activations (and INT4 KV if configured), unquantized weights:
    one GPTQ Hessian per input, for all 7 linears in the same pass;
@@ -19,6 +21,7 @@ biases after the key smoothing).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -38,6 +41,7 @@ from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_lin
 from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.checkpoint import CheckpointWriter
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
+from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
 from vllm_atom.quantize.simulate import (ActScheme, SimState, permute_columns, set_kv_bits,
@@ -68,6 +72,9 @@ class QuantizeOptions:
     block_size: int = 128
     seed: int = 0
     max_shard_bytes: int = 2 << 30
+    # keep a layer's KV cache 16-bit when INT4 K/V change its attention output by more than
+    # this relative L2 error (`kv_sensitivity`); None: only AtomConfig.kv_skip_layers
+    kv_skip_threshold: Optional[float] = None
 
 
 @dataclass
@@ -77,6 +84,9 @@ class QuantizeReport:
     calib_tokens: int = 0
     layers: int = 0
     fallbacks: list = field(default_factory=list)
+    # per decoder layer: attention output error with INT4 K/V (None where KV is 16-bit by request)
+    kv4_attention_error: list = field(default_factory=list)
+    kv_skip_layers: list = field(default_factory=list)  # what the checkpoint records
     gpu_peak_gib: Optional[float] = None  # torch.cuda.max_memory_allocated on the quantizing GPU
 
 
@@ -203,9 +213,20 @@ def _run(layer, inps, kwargs, keep: bool):
 
 # ---- one decoder layer ----
 
+@dataclass
+class LayerResult:
+    tensors: dict            # checkpoint tensors of the layer's linears
+    outputs: torch.Tensor    # the quantized layer's outputs = the next layer's inputs
+    notes: list              # GPTQ fallbacks
+    kv_bits: Optional[int]   # KV cache bits the layer was quantized (and is to be served) with
+    kv4_error: Optional[float] = None  # `kv4_attention_error`, when kv_bits was 4 on entry
+
+
 def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: AtomConfig,
-                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str, kv_bits: Optional[int]):
-    """Quantize one decoder layer. Returns (checkpoint tensors, next inputs, fallback notes)."""
+                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str,
+                   kv_bits: Optional[int]) -> LayerResult:
+    """Quantize one decoder layer with KV cache bits ``kv_bits`` (None: 16-bit), or 16-bit KV
+    if ``opts.kv_skip_threshold`` says INT4 hurts this layer too much."""
     dev = torch.device(opts.device)
     layer = copy.deepcopy(layer_cpu).to(dev, torch.float32)
     sims = wrap_linears(layer, [LINEAR_PATHS[m] for m in QUANTIZED_LINEARS], io_dtype)
@@ -230,6 +251,15 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
         for m in ("q_proj", "k_proj"):  # the checkpoint stores biases in the model dtype
             if lin[m].bias is not None:
                 lin[m].bias.data = lin[m].bias.data.to(io_dtype).float()
+    for g in groups:
+        lin[g].observer = None  # the salience is complete
+    kv4_error = None
+    if kv_bits == 4:
+        kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype)
+        if opts.kv_skip_threshold is not None and kv4_error > opts.kv_skip_threshold:
+            log.info("%s: INT4 KV attention error %.3f > %.3f, KV cache kept 16-bit", prefix,
+                     kv4_error, opts.kv_skip_threshold)
+            kv_bits = None
 
     # 2. reorder: outliers last, one index per input
     scheme = {}
@@ -285,7 +315,7 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
     set_kv_bits(attn, kv_bits, io_dtype)
     outs = _run(layer, inps, kwargs, keep=True)
     del layer
-    return tensors, outs, notes
+    return LayerResult(tensors, outs, notes, kv_bits, kv4_error)
 
 
 # ---- the whole model ----
@@ -300,6 +330,9 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     t0 = time.time()
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {opts.device}: CUDA is not available")
+    if opts.kv_skip_threshold is not None and cfg.kv_bits != 4:
+        raise InputError("--kv-skip-layers auto picks layers to keep out of an INT4 KV cache; "
+                         "it needs --kv-bits 4")
     check_model_dir(model_dir, cfg)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     calib = calibration_batches(tok, calib_text, opts.nsamples, opts.seqlen, opts.seed)
@@ -320,12 +353,19 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     report = QuantizeReport(out_dir=str(out_dir), calib_tokens=calib.numel())
     layers = model.model.layers
     bar = tqdm(range(len(layers)), desc="atom quantize", unit="layer", disable=not progress)
+    skip = set(cfg.kv_skip_layers)
     for i in bar:
-        tensors, inps, notes = quantize_layer(layers[i], inps, kwargs, cfg, opts, io_dtype,
-                                              f"{LAYERS_PREFIX}.{i}", cfg.kv_bits_for(i))
-        writer.add_all(tensors)
-        report.fallbacks += notes
+        res = quantize_layer(layers[i], inps, kwargs, cfg, opts, io_dtype, f"{LAYERS_PREFIX}.{i}",
+                             cfg.kv_bits_for(i))
+        inps = res.outputs
+        writer.add_all(res.tensors)
+        report.fallbacks += res.notes
+        report.kv4_attention_error.append(None if res.kv4_error is None else round(res.kv4_error, 4))
+        if cfg.kv_bits == 4 and res.kv_bits is None:
+            skip.add(i)
         layers[i] = nn.Identity()  # free the 16-bit layer
+    cfg = dataclasses.replace(cfg, kv_skip_layers=tuple(sorted(skip)))
+    report.kv_skip_layers = list(cfg.kv_skip_layers)
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
     writer.finish(hf_config, cfg, source_dir=model_dir)
     report.layers = len(layers)
