@@ -16,7 +16,6 @@ from transformers import AutoTokenizer
 
 from vllm_atom.data import find_text
 from vllm_atom.evaluate import SimModel, eval_windows, load_model
-from vllm_atom.quantize.simulate import set_kv_bits
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
 
 P, NTOK, VARIANTS = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -28,10 +27,8 @@ sim.add_method('fp16', None); sim.add_method('kv4', None, 4)
 W = eval_windows(tok, find_text('wiki'), min(NTOK, 2048), NTOK)
 cal = eval_windows(tok, find_text('austen'), 1024, 2048)
 attn = [l.self_attn for l in model.model.layers]
-def ppl(m, skip=()):
+def ppl(m):
     sim.activate(m)
-    if m == 'kv4' and skip:
-        for i in skip: set_kv_bits([attn[i]], None, io)
     nll = n = 0
     for ids in W:
         lp = torch.log_softmax(sim.logits(ids)[:-1], -1)
@@ -58,4 +55,5 @@ for name in VARIANTS.split(';'):
     if alpha > 0:
         for a, k in zip(attn, ks):
             fold_key_smoothing(a.q_proj, a.k_proj, smoothing_factors(k.value, alpha))
-    print(f'alpha {alpha} skip {skip}: kv4', ppl('kv4', skip), flush=True)
+    sim.add_method(name, None, 4, skip)
+    print(f'alpha {alpha} skip {skip}: kv4', ppl(name), flush=True)

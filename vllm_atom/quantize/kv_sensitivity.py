@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_atom.quantize.simulate import set_kv_bits
+from vllm_atom.quantize.simulate import run_layer, set_kv_bits
 
 # Layers whose KV4 attention error exceeds this keep a 16-bit KV cache under --kv-skip-layers auto.
 DEFAULT_KV_SKIP_THRESHOLD = 0.5
@@ -51,9 +51,7 @@ def kv4_attention_error(layer: nn.Module, inps: torch.Tensor, kwargs: dict, io_d
     set_kv_bits([attn], None, io_dtype)
     handle = attn.register_forward_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
-            for i in range(min(max_samples, inps.shape[0])):
-                layer(inps[i][None].float(), **kwargs)
+        run_layer(layer, inps[:max_samples], kwargs, keep=False)
     finally:
         handle.remove()
     return (acc["err"] / acc["ref"]) ** 0.5 if acc["ref"] > 0 else 0.0

@@ -44,8 +44,8 @@ from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
-from vllm_atom.quantize.simulate import (ActScheme, SimState, permute_columns, set_kv_bits,
-                                         use_sim_attention, wrap_linears)
+from vllm_atom.quantize.simulate import (ActScheme, SimState, permute_columns, run_layer,
+                                         set_kv_bits, use_sim_attention, wrap_linears)
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +200,6 @@ def capture_layer_inputs(model, calib: torch.Tensor, device, io_dtype):
     return torch.stack(inps), kwargs
 
 
-def _run(layer, inps, kwargs, keep: bool):
-    outs = torch.empty_like(inps) if keep else None
-    with torch.no_grad():
-        for i in range(inps.shape[0]):
-            y = layer(inps[i][None].float(), **kwargs)
-            y = y[0] if isinstance(y, tuple) else y
-            if keep:
-                outs[i] = y[0].to(outs.dtype)
-    return outs
-
-
 # ---- one decoder layer ----
 
 @dataclass
@@ -244,7 +233,7 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
         keys = KeyPairMax(lin["k_proj"].out_features // d, d, dev)
         hook = lin["k_proj"].register_forward_hook(lambda mod, inp, out: keys.add(out))
     set_kv_bits(attn, None, io_dtype)
-    _run(layer, inps, kwargs, keep=False)
+    run_layer(layer, inps, kwargs, keep=False)
     if keys is not None:
         hook.remove()
         fold_key_smoothing(lin["q_proj"], lin["k_proj"], smoothing_factors(keys.value, cfg.kv_smooth))
@@ -280,7 +269,7 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
         for m in QUANTIZED_LINEARS:
             lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
         set_kv_bits(attn, kv_bits, io_dtype)
-        _run(layer, inps, kwargs, keep=False)
+        run_layer(layer, inps, kwargs, keep=False)
     for g in groups:
         lin[g].observer = None
 
@@ -313,7 +302,7 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
 
     # 5. the quantized layer's outputs feed the next layer
     set_kv_bits(attn, kv_bits, io_dtype)
-    outs = _run(layer, inps, kwargs, keep=True)
+    outs = run_layer(layer, inps, kwargs, keep=True)
     del layer
     return LayerResult(tensors, outs, notes, kv_bits, kv4_error)
 

@@ -151,6 +151,19 @@ def wrap_linears(module: nn.Module, names, io_dtype: torch.dtype) -> dict[str, S
     return out
 
 
+def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, keep: bool) -> Optional[torch.Tensor]:
+    """Run a decoder layer (fp32) on each sample of ``inps`` [n, seqlen, hidden] with the
+    layer's other arguments ``kwargs``; its outputs in ``inps``' dtype if ``keep``, else None."""
+    outs = torch.empty_like(inps) if keep else None
+    with torch.no_grad():
+        for i in range(inps.shape[0]):
+            y = layer(inps[i][None].float(), **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            if keep:
+                outs[i] = y[0].to(outs.dtype)
+    return outs
+
+
 # ---- KV cache: quantized after RoPE, in the attention call ----
 
 def _atom_sim_attention(module, query, key, value, attention_mask, **kwargs):
