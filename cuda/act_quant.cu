@@ -11,6 +11,12 @@
 //                           nibble unpack feeds mma.m16n8k32. Bytes [Kn, KA) hold the outliers in
 //                           slot order, zero past O.
 //   sa       fp32  [G+(O>0), M]  out. sa[g, m] = a_clip*absmax/7 of group g; row G = absmax/127.
+// With SM90_LAYOUT=1 (the layout w4a4_sm90.cu reads; ld = M rounded up to 8, columns >= M of sa
+// unwritten):
+//   qa       int8  [G+(O>0), M, 128]  step s of token m at (s*M + m)*128, the same bytes as above
+//                           with 16-byte chunk c stored at chunk c ^ (m % 8); the outlier step
+//                           zero-padded to 128 bytes
+//   sa       fp32  [G+(O>0), ld]
 // Numerics are those of vllm_atom.reference.quantize_activation, operation for operation
 // (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
 // Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
@@ -19,6 +25,18 @@
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
+#ifndef SM90_LAYOUT
+#define SM90_LAYOUT 0
+#endif
+
+// Where bytes [p, p+4) (p a multiple of 4) of step s of token m go (gridDim.x = M).
+__device__ __forceinline__ u32* out_word(i8* qa, int s, int p, int m, int ld, int Kn, int KA) {
+#if SM90_LAYOUT
+  return (u32*)(qa + ((size_t)s * gridDim.x + m) * 128 + ((((p >> 4) ^ (m & 7)) << 4) | (p & 15)));
+#else
+  return (u32*)(qa + (size_t)m * KA + min(s * 128, Kn) + p);
+#endif
+}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -48,11 +66,10 @@ union Vec8 {
 // Gather, quantize and store the steps of this CTA from the staged row (T values in smem).
 __device__ __forceinline__ void quantize_row(const u16* row, const int* __restrict__ reorder,
                                              int Kn, int O, float clip, i8* __restrict__ qa,
-                                             float* __restrict__ sa, int M, int steps_per_cta) {
+                                             float* __restrict__ sa, int ld, int steps_per_cta) {
   const int m = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int G = Kn / 128, steps = G + (O > 0), KA = Kn + ((O + 31) & ~31);
   const int s_end = min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
-  i8* out = qa + (size_t)m * KA;
   for (int s = blockIdx.y * steps_per_cta + warp; s < s_end; s += WARPS) {
     float v[4];
     if (s < G) {
@@ -63,10 +80,10 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
       for (int i = 0; i < 4; ++i) v[i] = to_float(row[reorder[base + 2 * i]]);
       float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
       const float scale = __fdiv_rn(__fmul_rn(amax, clip), 7.0f);
-      *(u32*)(out + s * 128 + 4 * lane) =
+      *out_word(qa, s, 4 * lane, m, ld, Kn, KA) =
           pack4(quant(v[0], scale, -8.f, 7.f), quant(v[1], scale, -8.f, 7.f),
                 quant(v[2], scale, -8.f, 7.f), quant(v[3], scale, -8.f, 7.f));
-      if (lane == 0) sa[(size_t)s * M + m] = scale;
+      if (lane == 0) sa[(size_t)s * ld + m] = scale;
     } else {
       float amax = 0.0f;
 #pragma unroll
@@ -77,30 +94,30 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
       }
       amax = warp_max(amax);
       const float scale = __fdiv_rn(amax, 127.0f);
-      if (4 * lane < ((O + 31) & ~31))
-        *(u32*)(out + Kn + 4 * lane) =
+      if (SM90_LAYOUT || 4 * lane < ((O + 31) & ~31))
+        *out_word(qa, s, 4 * lane, m, ld, Kn, KA) =
             pack4(quant(v[0], scale, -128.f, 127.f), quant(v[1], scale, -128.f, 127.f),
                   quant(v[2], scale, -128.f, 127.f), quant(v[3], scale, -128.f, 127.f));
-      if (lane == 0) sa[(size_t)s * M + m] = scale;
+      if (lane == 0) sa[(size_t)s * ld + m] = scale;
     }
   }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int Kn, int O,
-          float clip, i8* __restrict__ qa, float* __restrict__ sa, int M, int steps_per_cta) {
+          float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   for (int i = threadIdx.x; i < K / 8; i += THREADS) ((uint4*)row)[i] = src[i];
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, M, steps_per_cta);
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
 // y = T(T(x * rsqrt(mean(x^2) + eps)) * w), as vLLM's RMSNorm, then quantize y.
 extern "C" __global__ void __launch_bounds__(THREADS)
 rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, float eps,
                   const int* __restrict__ reorder, int K, int Kn, int O, float clip,
-                  i8* __restrict__ qa, float* __restrict__ sa, int M, int steps_per_cta) {
+                  i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   __shared__ float partial[WARPS];
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
@@ -133,13 +150,13 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
     ((uint4*)row)[i] = d.v;
   }
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, M, steps_per_cta);
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
 // y = T(T(silu(gate)) * up), as vLLM's SiluAndMul, then quantize y. x is [M, 2K].
 extern "C" __global__ void __launch_bounds__(THREADS)
 silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int Kn,
-                   int O, float clip, i8* __restrict__ qa, float* __restrict__ sa, int M,
+                   int O, float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld,
                    int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   const uint4* gate = (const uint4*)(x + (size_t)blockIdx.x * 2 * K);
@@ -157,5 +174,5 @@ silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, i
     ((uint4*)row)[i] = g.v;
   }
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, M, steps_per_cta);
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }

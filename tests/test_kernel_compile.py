@@ -1,4 +1,4 @@
-"""Every CUDA kernel compiles (NVRTC, to cubin, so ptxas runs too) for sm_80, sm_89 and sm_90
+"""Every CUDA kernel compiles (NVRTC, to cubin, so ptxas runs too) for sm_80, sm_89 and sm_90a
 in every configuration the ops launch. Needs CuPy's NVRTC, no GPU and no driver."""
 
 from __future__ import annotations
@@ -8,13 +8,9 @@ import pytest
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from vllm_atom.kernels import _loader  # noqa: E402
+from vllm_atom.kernels.gemm_plan import GEMM_CONFIGS, SM90_SPLITS, SM90_WIDTHS, Sm90Config, sm90_stages  # noqa: E402
 
-ARCHS = ["sm_80", "sm_89", "sm_90"]
-GEMM_CONFIGS = {  # mirrors vllm_atom.kernels.cuda_ops.GEMM_CONFIGS (that module needs a GPU to import)
-    "small": (16, 128, 1, 4, 8, 2),
-    "medium": (64, 128, 2, 4, 4, 1),
-    "large": (128, 128, 2, 4, 4, 1),
-}
+ARCHS = ["sm_80", "sm_89", "sm_90a"]
 
 
 def gemm_defines(cfg: str, bf16: int):
@@ -39,15 +35,19 @@ def test_gemm_compiles(arch, cfg, bf16):
     assert _loader.compile_cubin("w4a4_gemm.cu", gemm_defines(cfg, bf16), arch)
 
 
-def test_configs_match_cuda_ops():
-    import ast
+@pytest.mark.parametrize("bf16", [1, 0])
+@pytest.mark.parametrize("cs", SM90_SPLITS)
+@pytest.mark.parametrize("bn", SM90_WIDTHS)
+def test_sm90_gemm_compiles(bn, cs, bf16):
+    """Every width x cluster split `gemm_plan.sm90_plan` can pick, for sm_90a only (wgmma)."""
+    cfg = Sm90Config(bn, 2, sm90_stages(bn), cs)
+    assert cfg.smem_bytes <= 227 * 1024
+    assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
 
-    src = (_loader.CUDA_DIR.parent / "vllm_atom" / "kernels" / "cuda_ops.py").read_text()
-    for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "GEMM_CONFIGS":
-            assert ast.literal_eval(node.value) == GEMM_CONFIGS
-            return
-    raise AssertionError("GEMM_CONFIGS not found in cuda_ops.py")
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_act_quant_sm90_layout_compiles(arch):
+    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", 1), ("SM90_LAYOUT", 1)), arch)
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

@@ -1,14 +1,21 @@
-"""Atom linear (activation quantization + W4A4 GEMM) against torch BF16 and FP8 on one GPU.
+"""Atom linear (activation quantization + W4A4 GEMM) against BF16, FP8 and W4A16 on one GPU.
 
-Rows: impl "atom" = torch.ops.vllm_atom.atom_linear (quantize + GEMM, the full cost of an Atom
-linear); "bf16" = torch.nn.functional.linear; "fp8" = per-token dynamic FP8 quantization
-(one fused torch.compile'd kernel) + torch._scaled_mm with per-token x per-channel scales.
-Extra rows (key "detail"): atom_gemm (GEMM on pre-quantized input), atom_quant (activation
-quantization alone, with its HBM bandwidth), fp8_gemm (_scaled_mm alone).
+Rows (impl, time_us per call; M, N, K): "atom" = the Atom linear as vLLM runs it
+(torch.ops.vllm_atom.atom_linear_sm90 on sm_90, atom_linear elsewhere: quantize + GEMM, the
+full cost); "bf16" = torch.nn.functional.linear; "fp8" = the faster of "fp8_torch" (per-token
+dynamic FP8 quantization, one torch.compile'd kernel, + torch._scaled_mm) and "fp8_cutlass"
+(vLLM's --quantization fp8 path: vllm._custom_ops.scaled_fp8_quant per token +
+cutlass_scaled_mm with per-token x per-channel scales); "marlin" = vLLM's GPTQ W4A16 Marlin
+kernel (4 bit, group 128, `apply_gptq_marlin_linear`), when the vLLM in this environment has it.
+Detail rows: atom_gemm (GEMM on pre-quantized input; TOPS), atom_quant (activation quantization
+alone), atom_mma (the mma.sync kernel + its quantization, the sm_80 path). Every row carries
+the HBM bytes it must move (weights + activations in + out) and the GB/s that gives; the run
+also measures a device-to-device copy ("copy_gbps"), the bandwidth the weight stream is held to.
 Timing: calls are captured in a CUDA graph of many calls over rotated buffers (so weights
-are not served from L2) and the graph replays are timed with events (`time_us`). Median of 5. Writes results/gemm-<gpu>.json and .png.
+are not served from L2) and the graph replays are timed with events. Median of 5.
+Writes results/gemm-<gpu>.json and .png.
 
-    python examples/benchmarks/bench_gemm.py [--quick] [--out DIR]
+    python examples/benchmarks/bench_gemm.py [--quick] [--out DIR] [--sweep-splits]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vllm_atom.config import AtomConfig  # noqa: E402
-from vllm_atom.kernels import layout, ops  # noqa: E402
+from vllm_atom.kernels import gemm_plan, layout, ops  # noqa: E402
 
 # (model, layer, N, K)
 SHAPES = [
@@ -39,7 +46,7 @@ SHAPES = [
     ("llama-2-70b", "down", 8192, 28672),
 ]
 TARGET_MODELS = ("llama-2-7b", "llama-3-8b", "llama-2-70b")
-M_LIST = [1, 16, 64, 256, 1024, 4096, 8192]
+M_LIST = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 ROTATE_BYTES = 256 << 20  # rotate buffer sets until they span this much (5x the H100's L2)
 FP8 = torch.float8_e4m3fn
 
@@ -104,27 +111,76 @@ def time_us(fn, sets: list) -> float:
     return statistics.median(times)
 
 
-def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c) -> list[dict]:
+def copy_gbps() -> float:
+    """HBM bandwidth of a 1 GiB device-to-device copy (read + write bytes), GB/s."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_us(lambda a, b: b.copy_(a), [(src, dst)])
+    del src, dst
+    return 2 * (1 << 30) / us / 1e3
+
+
+def _vllm_fp8():
+    """(quant, gemm) of vLLM's FP8 W8A8 path, or None without vLLM."""
+    try:
+        from vllm import _custom_ops as vops
+    except Exception as e:  # noqa: BLE001  (any import failure: the peer is just absent)
+        print(f"vLLM FP8 kernels unavailable: {e}")
+        return None
+    return vops
+
+
+def _marlin(w_bf16: torch.Tensor):
+    """A callable x -> y through vLLM's GPTQ Marlin W4A16 (4 bit, group 128), or None."""
+    try:
+        from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
+        from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
+        from vllm.scalar_type import scalar_types
+    except Exception as e:  # noqa: BLE001
+        print(f"Marlin unavailable: {e}")
+        return None
+    n, k = w_bf16.shape
+    _, qw, s, g_idx, sort_idx, _ = marlin_quantize(w_bf16.T.contiguous(), scalar_types.uint4b8, 128, False)
+    ws = mu.marlin_make_workspace_new(w_bf16.device)
+    empty = mu.marlin_make_empty_g_idx(w_bf16.device)
+
+    def fn(x):
+        return mu.apply_gptq_marlin_linear(x, qw, s, empty, empty, empty, ws, scalar_types.uint4b8, n, k, True)
+
+    return fn
+
+
+def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bool = False) -> list[dict]:
     cfg = AtomConfig()
     o = cfg.outliers_for(k)
     kn = k - o
     dev = "cuda"
+    sm90 = ops.use_sm90(torch.device(dev))
+    vops = _vllm_fp8()
     w_bytes = n * k  # bf16 weight is the largest of the three
     n_w = max(1, min(8, math.ceil(ROTATE_BYTES / (2 * w_bytes))))
     weights = []
-    for _ in range(n_w):
+    for i in range(n_w):
         wb = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(torch.bfloat16)
         ws = wb.abs().amax(1).float() / 448.0
-        weights.append(dict(
+        w = dict(
             bf16=wb, fp8=(wb.float() / ws[:, None]).to(FP8), fp8_scale=ws[None, :].contiguous(),
             qweight=torch.randint(0, 256, (n, kn // 2), dtype=torch.uint8, device=dev),
             w_scale=(torch.rand(n, kn // 128, device=dev) * 0.01 + 1e-3).half(),
             w_outlier=torch.randint(-127, 128, (n, o), dtype=torch.int8, device=dev),
             w_outlier_scale=(torch.rand(n, 1, device=dev) * 0.01 + 1e-3).half(),
-            reorder=torch.randperm(k, device=dev).to(torch.int32)))
+            reorder=torch.randperm(k, device=dev).to(torch.int32))
+        if sm90:
+            w["wpack"] = layout.prepack_sm90(w["qweight"], w["w_scale"], w["w_outlier"], w["w_outlier_scale"])
+        w["marlin"] = _marlin(wb) if i == 0 or weights[0]["marlin"] is not None else None
+        weights.append(w)
     w0 = weights[0]
     ops.prepare_atom_linear(w0["qweight"], w0["w_scale"], w0["w_outlier"], w0["w_outlier_scale"], w0["reorder"],
                             torch.bfloat16)
+    if sm90:
+        ops.prepare_atom_linear_sm90(w0["wpack"], n, w0["reorder"], torch.bfloat16)
+    _, ka, steps = layout.sizes(k, o)
+    atom_w_bytes = n * (kn // 2 + 2 * (kn // 128) + o + 2)
     rows = []
     for m in m_list:
         n_sets = max(n_w, min(8, math.ceil(ROTATE_BYTES / (2 * m * k + 2 * m * n))))
@@ -132,35 +188,72 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c) -> list[dict]:
         for i in range(n_sets):
             w = weights[i % n_w]
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-            qa, sa = torch.ops.vllm_atom.quantize_act(x, w["reorder"], o, cfg.a_clip)
+            qa, sa = torch.ops.vllm_atom.quantize_act(x, w["reorder"], o, cfg.a_clip, sm90)
             xq, xs = fp8_quant(x)
             sets.append((x, w, qa, sa, xq, xs))
 
         def atom(x, w, *_):
+            if sm90:
+                return torch.ops.vllm_atom.atom_linear_sm90(x, w["wpack"], w["reorder"], None, n, o, cfg.a_clip)
+            return atom_mma(x, w)
+
+        def atom_mma(x, w, *_):
             return torch.ops.vllm_atom.atom_linear(x, w["qweight"], w["w_scale"], w["w_outlier"],
                                                    w["w_outlier_scale"], w["reorder"], None, cfg.a_clip)
 
         def atom_gemm(x, w, qa, sa, *_):
+            if sm90:
+                return torch.ops.vllm_atom.w4a4_gemm_sm90(qa, sa, w["wpack"], None, n, torch.bfloat16)
             return torch.ops.vllm_atom.w4a4_gemm(qa, sa, w["qweight"], w["w_scale"], w["w_outlier"],
                                                  w["w_outlier_scale"], None, torch.bfloat16)
 
         def atom_quant(x, w, *_):
-            return torch.ops.vllm_atom.quantize_act(x, w["reorder"], o, cfg.a_clip)
+            return torch.ops.vllm_atom.quantize_act(x, w["reorder"], o, cfg.a_clip, sm90)
 
         def bf16(x, w, *_):
             return torch.nn.functional.linear(x, w["bf16"])
 
-        def fp8(x, w, *_):
+        def fp8_torch(x, w, *_):
             xq, xs = fp8_quant_c(x)
             return torch._scaled_mm(xq, w["fp8"].T, scale_a=xs, scale_b=w["fp8_scale"], out_dtype=torch.bfloat16)
+
+        def fp8_cutlass(x, w, *_):
+            xq, xs = vops.scaled_fp8_quant(x, use_per_token_if_dynamic=True)
+            return vops.cutlass_scaled_mm(xq, w["fp8"].T, xs, w["fp8_scale"], torch.bfloat16)
 
         def fp8_gemm(x, w, qa, sa, xq, xs):
             return torch._scaled_mm(xq, w["fp8"].T, scale_a=xs, scale_b=w["fp8_scale"], out_dtype=torch.bfloat16)
 
-        for name, fn in (("atom", atom), ("bf16", bf16), ("fp8", fp8), ("atom_gemm", atom_gemm),
-                         ("atom_quant", atom_quant), ("fp8_gemm", fp8_gemm)):
-            us = time_us(fn, sets)
-            rows.append(dict(M=m, N=n, K=k, impl=name, us=round(us, 3)))
+        def marlin(x, w, *_):
+            return w["marlin"](x)
+
+        io = 2 * m * k + 2 * m * n  # bf16 activations in, bf16 out
+        impls = [("atom", atom, atom_w_bytes + io), ("bf16", bf16, 2 * n * k + io),
+                 ("fp8_torch", fp8_torch, n * k + io), ("atom_gemm", atom_gemm, atom_w_bytes + m * ka + 2 * m * n),
+                 ("atom_quant", atom_quant, 2 * m * k + m * ka), ("fp8_gemm", fp8_gemm, n * k + m * k + 2 * m * n)]
+        if sm90:
+            impls.append(("atom_mma", atom_mma, atom_w_bytes + io))
+        if vops is not None:
+            impls.append(("fp8_cutlass", fp8_cutlass, n * k + io))
+        if w0["marlin"] is not None:
+            impls.append(("marlin", marlin, n * k // 2 + n * (k // 128) * 2 + io))
+        for name, fn, nbytes in impls:
+            try:
+                us = time_us(fn, sets)
+            except Exception as e:  # noqa: BLE001  (a peer kernel that rejects the shape)
+                print(f"{name} M={m} N={n} K={k}: {type(e).__name__}: {e}")
+                continue
+            rows.append(dict(M=m, N=n, K=k, impl=name, time_us=round(us, 3), hbm_bytes=nbytes,
+                             gbps=round(nbytes / us / 1e3, 1), tops=round(2 * m * n * k / us / 1e6, 1)))
+        if sweep_splits and sm90 and m <= 512:
+            bn = gemm_plan.sm90_width(m)
+            for cs in gemm_plan.SM90_SPLITS:
+                if steps < 2 * cs:
+                    continue
+                gemm_plan.SM90_TUNED[(bn, n, k)] = cs
+                us = time_us(atom_gemm, sets)
+                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_cs{cs}", time_us=round(us, 3)))
+                del gemm_plan.SM90_TUNED[(bn, n, k)]
         del sets
         torch.cuda.empty_cache()
     return rows
@@ -170,24 +263,40 @@ def geomean(xs):
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
 
 
-def summarize(rows, shapes) -> dict:
-    t = {(r["M"], r["N"], r["K"], r["impl"]): r["us"] for r in rows}
+def with_fp8(rows: list[dict]) -> list[dict]:
+    """Add the "fp8" rows: per (M, N, K) the faster of fp8_torch and fp8_cutlass."""
+    best: dict = {}
+    for r in rows:
+        if r["impl"] in ("fp8_torch", "fp8_cutlass"):
+            key = (r["M"], r["N"], r["K"])
+            if key not in best or r["time_us"] < best[key]["time_us"]:
+                best[key] = r
+    return rows + [dict(r, impl="fp8", source=r["impl"]) for r in best.values()]
+
+
+def summarize(rows, shapes, copy: float) -> dict:
+    t = {(r["M"], r["N"], r["K"], r["impl"]): r["time_us"] for r in rows}
     target = [(n, k) for model, _, n, k in shapes if model in TARGET_MODELS]
-    out = {}
-    for label, ms in (("M<=16", (1, 16)), ("M>=1024", (1024, 4096, 8192))):
-        for base in ("bf16", "fp8"):
-            sp = [t[(m, n, k, base)] / t[(m, n, k, "atom")] for m in ms for n, k in target if (m, n, k, "atom") in t]
-            out[f"{label} atom speedup vs {base}"] = round(geomean(sp), 3)
+    out = {"copy_gbps": round(copy, 1)}
+    buckets = (("M=1", (1,)), ("M=16", (16,)), ("M=32", (32,)), ("M=64", (64,)), ("M=128", (128,)),
+               ("M=256", (256,)), ("M>=1024", (1024, 2048, 4096, 8192)))
+    for label, ms in buckets:
+        for base in ("bf16", "fp8", "marlin"):
+            sp = [t[(m, n, k, base)] / t[(m, n, k, "atom")] for m in ms for n, k in target
+                  if (m, n, k, "atom") in t and (m, n, k, base) in t]
+            if sp:
+                out[f"{label} atom speedup vs {base}"] = round(geomean(sp), 3)
     tops = [2 * m * n * k / t[(m, n, k, "atom_gemm")] / 1e6 for m in (4096, 8192) for n, k in target
             if (m, n, k, "atom_gemm") in t]
     out["M>=4096 atom_gemm TOPS (geomean)"] = round(geomean(tops), 1)
-    bw = []
-    for m in (1024, 4096, 8192):
-        for n, k in target:
-            if (m, n, k, "atom_quant") in t:
-                o = AtomConfig().outliers_for(k)
-                _, ka, steps = layout.sizes(k, o)
-                bw.append((2 * m * k + m * ka + 4 * m * steps + 4 * k) / t[(m, n, k, "atom_quant")] / 1e3)
+    by = {(r["M"], r["N"], r["K"], r["impl"]): r for r in rows}
+    for m in (1, 16):
+        bw = [by[(m, n, k, "atom")]["gbps"] for n, k in target if (m, n, k, "atom") in by]
+        if bw:
+            out[f"M={m} atom weight stream GB/s (geomean)"] = round(geomean(bw), 1)
+            out[f"M={m} atom weight stream / copy"] = round(geomean(bw) / copy, 3)
+    bw = [by[(m, n, k, "atom_quant")]["gbps"] for m in (1024, 4096, 8192) for n, k in target
+          if (m, n, k, "atom_quant") in by]
     out["M>=1024 atom_quant GB/s (geomean)"] = round(geomean(bw), 1)
     return out
 
@@ -198,28 +307,29 @@ def plot(rows, shapes, path: Path, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = {(r["M"], r["N"], r["K"], r["impl"]): r["us"] for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, base in zip(axes, ("bf16", "fp8")):
+    t = {(r["M"], r["N"], r["K"], r["impl"]): r["time_us"] for r in rows}
+    bases = [b for b in ("bf16", "fp8", "marlin") if any(r["impl"] == b for r in rows)]
+    fig, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.5), sharey=True)
+    for ax, base in zip(axes, bases):
         for model in dict.fromkeys(s[0] for s in shapes):
             nk = [(n, k) for mo, _, n, k in shapes if mo == model]
             ms = sorted({r["M"] for r in rows})
-            ys = [geomean([t[(m, n, k, base)] / t[(m, n, k, "atom")] for n, k in nk if (m, n, k, "atom") in t])
-                  for m in ms]
+            ys = [geomean([t[(m, n, k, base)] / t[(m, n, k, "atom")] for n, k in nk
+                           if (m, n, k, "atom") in t and (m, n, k, base) in t]) for m in ms]
             ax.plot(ms, ys, marker="o", label=model)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (tokens)")
-        ax.set_title(f"Atom linear speedup over {base} (geomean of layers)")
+        ax.set_title(f"Atom linear speedup over {base}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("speedup (x)")
+    axes[0].set_ylabel("speedup (x, geomean of layers)")
     axes[0].legend(fontsize=8)
     fig.suptitle(device)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def profile(n: int = 4096, k: int = 4096, m_list=(1, 8192)) -> None:
+def profile(n: int = 4096, k: int = 4096, m_list=(1, 16, 256, 8192)) -> None:
     """One GEMM per M between cudaProfilerStart/Stop, for `ncu --profile-from-start off`."""
     o = AtomConfig().outliers_for(k)
     kn = k - o
@@ -228,15 +338,23 @@ def profile(n: int = 4096, k: int = 4096, m_list=(1, 8192)) -> None:
              w_outlier=torch.randint(-127, 128, (n, o), dtype=torch.int8, device="cuda"),
              w_outlier_scale=(torch.rand(n, 1, device="cuda") * 0.01).half())
     reorder = torch.randperm(k, device="cuda").to(torch.int32)
+    sm90 = ops.use_sm90(torch.device("cuda"))
+    wpack = layout.prepack_sm90(*w.values()) if sm90 else None
+
+    def gemm(qa, sa):
+        if sm90:
+            return torch.ops.vllm_atom.w4a4_gemm_sm90(qa, sa, wpack, None, n, torch.bfloat16)
+        return torch.ops.vllm_atom.w4a4_gemm(qa, sa, *w.values(), None, torch.bfloat16)
+
     for m in m_list:
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-        qa, sa = torch.ops.vllm_atom.quantize_act(x, reorder, o, 0.9)
+        qa, sa = torch.ops.vllm_atom.quantize_act(x, reorder, o, 0.9, sm90)
         for _ in range(2):
-            torch.ops.vllm_atom.w4a4_gemm(qa, sa, *w.values(), None, torch.bfloat16)
+            gemm(qa, sa)
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-        torch.ops.vllm_atom.w4a4_gemm(qa, sa, *w.values(), None, torch.bfloat16)
-        torch.ops.vllm_atom.quantize_act(x, reorder, o, 0.9)
+        gemm(qa, sa)
+        torch.ops.vllm_atom.quantize_act(x, reorder, o, 0.9, sm90)
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
 
@@ -245,42 +363,56 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--quick", action="store_true", help="a few shapes and sizes only")
+    ap.add_argument("--all-models", action="store_true", help="also SmolLM2 and Qwen2.5 layers")
+    ap.add_argument("--sweep-splits", action="store_true",
+                    help="also time every sm90 cluster split at M <= 512 (rows atom_gemm_cs<N>)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
     if args.profile:
         return profile()
     torch.manual_seed(0)
-    shapes = SHAPES
+    shapes = SHAPES if args.all_models else [s for s in SHAPES if s[0] in TARGET_MODELS]
     m_list = M_LIST
     if args.quick:
-        shapes = [s for s in SHAPES if s[1] in ("o", "down") and s[0] in TARGET_MODELS]
-        m_list = [1, 16, 1024, 8192]
+        shapes = [s for s in shapes if s[1] in ("o", "down")]
+        m_list = [1, 16, 64, 256, 1024, 8192]
     fp8_quant_c = torch.compile(fp8_quant, dynamic=True)
     device = torch.cuda.get_device_name()
+    copy = copy_gbps()
+    print(f"device copy: {copy:.0f} GB/s", flush=True)
     rows = []
     for model, layer, n, k in shapes:
-        rows += bench_shape(n, k, m_list, fp8_quant_c)
+        rows += bench_shape(n, k, m_list, fp8_quant_c, args.sweep_splits)
         print(f"{model} {layer} N={n} K={k} done", flush=True)
-    main_rows = [r for r in rows if r["impl"] in ("atom", "bf16", "fp8")]
+    rows = with_fp8(rows)
+    main_rows = [r for r in rows if r["impl"] in ("atom", "bf16", "fp8", "marlin")]
     detail = [r for r in rows if r not in main_rows]
-    summary = summarize(rows, shapes)
+    summary = summarize(rows, shapes, copy)
     tag = device.replace("NVIDIA ", "").replace(" ", "-").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"gemm-{tag}.json").write_text(json.dumps(
         dict(device=device, commit=commit(), torch=torch.__version__, cuda=torch.version.cuda,
+             sm90_tuned={f"{k[0]},{k[1]},{k[2]}": v for k, v in gemm_plan.SM90_TUNED.items()},
              summary=summary, rows=main_rows, detail=detail), indent=1))
     plot(rows, shapes, out / f"gemm-{tag}.png", device)
-    t = {(r["M"], r["N"], r["K"], r["impl"]): r["us"] for r in rows}
+    t = {(r["M"], r["N"], r["K"], r["impl"]): r["time_us"] for r in rows}
     print(f"\n{device}  (us; atom = quantize + GEMM)")
-    print(f"{'shape':>22} {'M':>5} {'atom':>9} {'gemm':>9} {'quant':>8} {'bf16':>9} {'fp8':>9} {'fp8mm':>9} "
-          f"{'x bf16':>6} {'x fp8':>6}")
+    cols = ("atom", "atom_gemm", "atom_quant", "atom_mma", "bf16", "fp8_torch", "fp8_cutlass", "marlin")
+    print(f"{'shape':>20} {'M':>5} " + " ".join(f"{c[:10]:>10}" for c in cols) + f" {'x fp8':>6} {'x bf16':>6}")
     for model, layer, n, k in shapes:
         for m in m_list:
-            g = lambda i: t[(m, n, k, i)]  # noqa: E731
-            print(f"{model[:12] + ' ' + layer:>22} {m:>5} {g('atom'):9.1f} {g('atom_gemm'):9.1f} "
-                  f"{g('atom_quant'):8.1f} {g('bf16'):9.1f} {g('fp8'):9.1f} {g('fp8_gemm'):9.1f} "
-                  f"{g('bf16') / g('atom'):6.2f} {g('fp8') / g('atom'):6.2f}")
+            g = lambda i: t.get((m, n, k, i), float("nan"))  # noqa: E731
+            print(f"{model[:11] + ' ' + layer:>20} {m:>5} " + " ".join(f"{g(c):10.1f}" for c in cols)
+                  + f" {g('fp8') / g('atom'):6.2f} {g('bf16') / g('atom'):6.2f}")
+    if args.sweep_splits:
+        print("\nsm90 splits (us of atom_gemm per cluster split; * = the plan's pick)")
+        for model, layer, n, k in shapes:
+            for m in m_list:
+                cs = {r["impl"]: r["time_us"] for r in rows if (r["M"], r["N"], r["K"]) == (m, n, k)
+                      and r["impl"].startswith("atom_gemm_cs")}
+                if cs:
+                    print(f"{model[:11] + ' ' + layer:>20} {m:>5} " + " ".join(f"{c[9:]}={v:.1f}" for c, v in cs.items()))
     print(json.dumps(summary, indent=1))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from cupy_backends.cuda.libs import nvrtc
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SOURCES = ("act_quant.cu", "w4a4_gemm.cu", "kv_int4.cu")
+SOURCES = ("act_quant.cu", "w4a4_gemm.cu", "w4a4_sm90.cu", "kv_int4.cu")
 
 
 class KernelCompileError(RuntimeError):
@@ -24,7 +24,7 @@ class KernelCompileError(RuntimeError):
 
 @functools.cache
 def compile_cubin(file: str, defines: tuple[tuple[str, int], ...], arch: str) -> bytes:
-    """cubin of ``cuda/<file>`` for ``arch`` (e.g. "sm_90") with ``-D`` defines."""
+    """cubin of ``cuda/<file>`` for ``arch`` (e.g. "sm_90a") with ``-D`` defines."""
     src = (CUDA_DIR / file).read_text()
     opts = [f"-arch={arch}", "-std=c++17", f"--include-path={CUDA_DIR}", "-lineinfo"]
     opts += [f"-D{k}={v}" for k, v in defines]
@@ -43,7 +43,8 @@ def device_arch(device) -> str:
     import torch
 
     major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    # sm_90a: Hopper's wgmma / setmaxnreg; such a cubin runs on compute capability 9.0 only.
+    return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
 @functools.cache

@@ -14,15 +14,9 @@ import numpy as np
 import torch
 
 from vllm_atom.kernels import _loader, layout, ops
+from vllm_atom.kernels.gemm_plan import GEMM_CONFIGS, N_COUNTERS, gemm_plan, sm90_configs, sm90_plan
 
 ACT_THREADS = 256
-# name: (BM, BN, WARPS_M, WARPS_N, STAGES, MIN_BLOCKS); picked by M (see _gemm_config).
-GEMM_CONFIGS = {
-    "small": (16, 128, 1, 4, 8, 2),
-    "medium": (64, 128, 2, 4, 4, 1),
-    "large": (128, 128, 2, 4, 4, 1),
-}
-N_COUNTERS = 1 << 14
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -68,7 +62,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 # ---- activation quantization ----
 
 def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n_outliers: int,
-              a_clip: float, extra: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+              a_clip: float, extra: tuple = (), sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be 2-D, got {list(x.shape)}")
     if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
@@ -77,46 +71,52 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     dev = x.device.index
     sms = _check_device(dev)
     m = x.shape[0]
-    qa = torch.empty((m, ka), dtype=torch.int8, device=x.device)
-    sa = torch.empty((steps, m), dtype=torch.float32, device=x.device)
+    if sm90:
+        _check_sm90(dev)
+        ld = layout.padded_tokens(m)
+        qa = torch.empty((steps, m, layout.GROUP), dtype=torch.int8, device=x.device)
+    else:
+        ld = m
+        qa = torch.empty((m, ka), dtype=torch.int8, device=x.device)
+    sa = torch.empty((steps, ld), dtype=torch.float32, device=x.device)
     if m == 0:
         return qa, sa
     # Few rows: spread each row's steps over several CTAs so the chip is used.
     ctas = max(1, min(math.ceil(2 * sms / m), math.ceil(steps / (ACT_THREADS // 32))))
     per_cta = math.ceil(steps / ctas)
     smem = 2 * k
-    fn = _loader.kernel("act_quant.cu", name, _dtype_define(x.dtype), dev)
+    fn = _loader.kernel("act_quant.cu", name, _act_defines(x.dtype, sm90), dev)
     _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (ACT_THREADS, 1, 1),
                    (_aligned(x).data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
                     np.int32(kn), np.int32(n_outliers), np.float32(a_clip), qa.data_ptr(), sa.data_ptr(),
-                    np.int32(m), np.int32(per_cta)), smem, dev)
+                    np.int32(ld), np.int32(per_cta)), smem, dev)
     return qa, sa
 
 
+def _act_defines(dtype: torch.dtype, sm90: bool) -> tuple[tuple[str, int], ...]:
+    return _dtype_define(dtype) + ((("SM90_LAYOUT", 1),) if sm90 else ())
+
+
 @ops.quantize_act.register_kernel("cuda")
-def _(x, reorder_index, n_outliers, a_clip):
-    return _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip)
+def _(x, reorder_index, n_outliers, a_clip, sm90=False):
+    return _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip, sm90=sm90)
 
 
 @ops.rmsnorm_quantize_act.register_kernel("cuda")
-def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip):
+def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
     k = x.shape[-1]
     if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"rmsnorm_quantize_act: norm_weight must be {x.dtype} [{k}]")
     return _quantize("rmsnorm_act_quant", x, k, reorder_index, n_outliers, a_clip,
-                     (_aligned(norm_weight).data_ptr(), np.float32(eps)))
+                     (_aligned(norm_weight).data_ptr(), np.float32(eps)), sm90=sm90)
 
 
 @ops.silu_mul_quantize_act.register_kernel("cuda")
-def _(x, reorder_index, n_outliers, a_clip):
-    return _quantize("silu_mul_act_quant", x, x.shape[-1] // 2, reorder_index, n_outliers, a_clip)
+def _(x, reorder_index, n_outliers, a_clip, sm90=False):
+    return _quantize("silu_mul_act_quant", x, x.shape[-1] // 2, reorder_index, n_outliers, a_clip, sm90=sm90)
 
 
 # ---- GEMM ----
-
-def _gemm_config(m: int) -> str:
-    return "small" if m <= 16 else "medium" if m <= 64 else "large"
-
 
 def _check_weights(qweight, w_scale, w_outlier, w_outlier_scale) -> tuple[int, int, int]:
     """(N, Kn, O) of packed weights in `vllm_atom.format` layout; ValueError if not supported."""
@@ -140,21 +140,6 @@ def _check_weights(qweight, w_scale, w_outlier, w_outlier_scale) -> tuple[int, i
 def _gemm_defines(cfg: str, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
     names = ("BM", "BN", "WARPS_M", "WARPS_N", "STAGES", "MIN_BLOCKS")
     return tuple(zip(names, GEMM_CONFIGS[cfg])) + _dtype_define(dtype)
-
-
-def gemm_plan(m: int, n: int, groups: int, sms: int) -> tuple[str, int, int]:
-    """(config, splits, groups per split): the tile config for M, and a split-K factor that
-    brings the CTA count up to about one wave when the tiles alone are fewer, with at least
-    two groups per split."""
-    cfg = _gemm_config(m)
-    bm, bn, *_, min_blocks = GEMM_CONFIGS[cfg]
-    tiles = math.ceil(m / bm) * math.ceil(n / bn)
-    target = sms * min_blocks
-    splits = 1
-    if tiles < target and tiles <= N_COUNTERS:
-        splits = max(1, min(target // tiles, groups // 2, 32))
-    per_split = math.ceil(groups / splits)
-    return cfg, math.ceil(groups / per_split), per_split
 
 
 def _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
@@ -199,6 +184,89 @@ def _(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_cl
     o = w_outlier.shape[1]
     qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, o, a_clip)
     return _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, x.dtype)
+
+
+# ---- wgmma GEMM (sm_90a) ----
+
+@functools.cache
+def _check_sm90(index: int) -> None:
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        major, minor = torch.cuda.get_device_capability(index)
+        raise ValueError(f"the sm90 Atom GEMM needs compute capability 9.0 (H100/H200), device {index} is "
+                         f"{major}.{minor}")
+
+
+def _check_wpack(wpack: torch.Tensor, n: int, steps: int | None = None) -> tuple[int, bool]:
+    """(G, has outliers) of prepacked weights for N rows; ValueError if malformed."""
+    if wpack.dtype != torch.uint8 or wpack.dim() != 2 or not wpack.is_contiguous() or wpack.data_ptr() % 16:
+        raise ValueError(f"wpack: expected contiguous 16-byte aligned uint8 [Np/64, slab], got "
+                         f"{wpack.dtype} {list(wpack.shape)}")
+    slabs, slab = wpack.shape
+    if n <= 0 or n % 8 or slabs * layout.SLAB_ROWS < n or (slabs * layout.SLAB_ROWS) % layout.N_ALIGN:
+        raise ValueError(f"wpack: {slabs} slabs of 64 rows do not hold N={n} (N a multiple of 8, "
+                         f"rows padded to {layout.N_ALIGN})")
+    has_o = slab % layout.CHUNK4 != 0
+    g = (slab - (layout.CHUNK8 if has_o else 0)) // layout.CHUNK4
+    if g <= 0 or g * layout.CHUNK4 + (layout.CHUNK8 if has_o else 0) != slab:
+        raise ValueError(f"wpack: slab of {slab} bytes is not G*{layout.CHUNK4} (+{layout.CHUNK8})")
+    if steps is not None and steps != g + has_o:
+        raise ValueError(f"activations have {steps} steps but the weights {g + has_o}")
+    return g, has_o
+
+
+def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
+    if qa.dtype != torch.int8 or qa.dim() != 3 or qa.shape[2] != layout.GROUP or not qa.is_contiguous():
+        raise ValueError(f"w4a4_gemm_sm90: qa must be contiguous int8 [steps, M, 128], got {qa.dtype} "
+                         f"{list(qa.shape)}")
+    steps, m, _ = qa.shape
+    mp = layout.padded_tokens(m)
+    if sa.dtype != torch.float32 or tuple(sa.shape) != (steps, mp) or not sa.is_contiguous():
+        raise ValueError(f"w4a4_gemm_sm90: sa must be contiguous fp32 [{steps}, {mp}], got {sa.dtype} "
+                         f"{list(sa.shape)}")
+    g, has_o = _check_wpack(wpack, n, steps)
+    dev = qa.device.index
+    sms = _check_device(dev)
+    _check_sm90(dev)
+    out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if m == 0:
+        return out
+    if bias is not None:
+        bias = bias.to(out_dtype).contiguous()
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    k = layout.GROUP * steps
+    cfg, per_split = sm90_plan(m, n, k, steps, sms)
+    tiles_m, tiles_n = math.ceil(m / cfg.bn), wpack.shape[0] * layout.SLAB_ROWS // cfg.rows
+    fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(out_dtype), dev)
+    _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1),
+                   (qa.data_ptr(), sa.data_ptr(), wpack.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    out.data_ptr(), np.int32(m), np.int32(mp), np.int32(n), np.int32(g), np.int32(int(has_o)),
+                    np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)), cfg.smem_bytes, dev)
+    return out
+
+
+@ops.w4a4_gemm_sm90.register_kernel("cuda")
+def _(qa, sa, wpack, bias, n, out_dtype):
+    return _gemm_sm90(qa, sa, wpack, bias, n, out_dtype)
+
+
+@ops.atom_linear_sm90.register_kernel("cuda")
+def _(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
+    qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip, sm90=True)
+    return _gemm_sm90(qa, sa, wpack, bias, n, x.dtype)
+
+
+def prepare_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype: torch.dtype) -> None:
+    """Validate one prepacked linear and compile every kernel it can launch (all M)."""
+    g, has_o = _check_wpack(wpack, n)
+    dev = wpack.device.index
+    sms = _check_device(dev)
+    _check_sm90(dev)
+    steps = g + has_o
+    for name in ("act_quant", "rmsnorm_act_quant", "silu_mul_act_quant"):
+        _loader.kernel("act_quant.cu", name, _act_defines(dtype, True), dev)
+    for cfg in sm90_configs(n, layout.GROUP * steps, steps, sms):
+        _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
 
 
 def prepare(qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, dtype) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from vllm_atom import reference
+from vllm_atom.kernels import layout
 
 
 @torch.library.custom_op("vllm_atom::atom_linear", mutates_args=(), device_types="cpu")
@@ -61,18 +62,18 @@ def _reference_linear(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_i
 # ---- Kernel-level ops: activation quantization (plain, fused with RMSNorm, fused with SiLU·up)
 # into the GEMM's layout (`vllm_atom.kernels.layout`), and the GEMM on quantized activations.
 
-def _quantized(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int, a_clip: float):
-    from vllm_atom.kernels import layout
-
+def _quantized(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int, a_clip: float, sm90: bool):
     a = reference.quantize_activation(x, reorder_index, n_outliers, layout.GROUP, a_clip)
-    return layout.pack_activation(a)
+    return layout.pack_activation_sm90(a) if sm90 else layout.pack_activation(a)
 
 
-def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int):
-    from vllm_atom.kernels import layout
-
+def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int, sm90: bool):
     _, ka, steps = layout.sizes(k, n_outliers)
     m = x.shape[0]
+    if sm90:
+        mp = (m + 7) // 8 * 8
+        return (x.new_empty((steps, m, layout.GROUP), dtype=torch.int8),
+                x.new_empty((steps, mp), dtype=torch.float32))
     return x.new_empty((m, ka), dtype=torch.int8), x.new_empty((steps, m), dtype=torch.float32)
 
 
@@ -90,38 +91,39 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("vllm_atom::quantize_act", mutates_args=(), device_types="cpu")
 def quantize_act(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
-                 a_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (qa int8 [M, KA], sa fp32 [steps, M]) in the kernel layout."""
-    return _quantized(x, reorder_index, n_outliers, a_clip)
+                 a_clip: float, sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (qa, sa) in the mma.sync layout (int8 [M, KA], fp32 [steps, M]) or, with
+    ``sm90``, the wgmma layout (int8 [steps, M, 128], fp32 [steps, Mp]); see `layout`."""
+    return _quantized(x, reorder_index, n_outliers, a_clip, sm90)
 
 
 @quantize_act.register_fake
-def _(x, reorder_index, n_outliers, a_clip):
-    return _quantized_fake(x, x.shape[1], n_outliers)
+def _(x, reorder_index, n_outliers, a_clip, sm90=False):
+    return _quantized_fake(x, x.shape[1], n_outliers, sm90)
 
 
 @torch.library.custom_op("vllm_atom::rmsnorm_quantize_act", mutates_args=(), device_types="cpu")
 def rmsnorm_quantize_act(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, reorder_index: torch.Tensor,
-                         n_outliers: int, a_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         n_outliers: int, a_clip: float, sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_act(rms_norm(x, norm_weight, eps), ...)."""
-    return _quantized(rms_norm(x, norm_weight, eps), reorder_index, n_outliers, a_clip)
+    return _quantized(rms_norm(x, norm_weight, eps), reorder_index, n_outliers, a_clip, sm90)
 
 
 @rmsnorm_quantize_act.register_fake
-def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip):
-    return _quantized_fake(x, x.shape[1], n_outliers)
+def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
+    return _quantized_fake(x, x.shape[1], n_outliers, sm90)
 
 
 @torch.library.custom_op("vllm_atom::silu_mul_quantize_act", mutates_args=(), device_types="cpu")
 def silu_mul_quantize_act(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
-                          a_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          a_clip: float, sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_act(silu_mul(x), ...) for x = [gate | up] of shape [M, 2K]."""
-    return _quantized(silu_mul(x), reorder_index, n_outliers, a_clip)
+    return _quantized(silu_mul(x), reorder_index, n_outliers, a_clip, sm90)
 
 
 @silu_mul_quantize_act.register_fake
-def _(x, reorder_index, n_outliers, a_clip):
-    return _quantized_fake(x, x.shape[1] // 2, n_outliers)
+def _(x, reorder_index, n_outliers, a_clip, sm90=False):
+    return _quantized_fake(x, x.shape[1] // 2, n_outliers, sm90)
 
 
 @torch.library.custom_op("vllm_atom::w4a4_gemm", mutates_args=(), device_types="cpu")
@@ -129,8 +131,6 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale
               w_outlier: torch.Tensor, w_outlier_scale: torch.Tensor, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor:
     """[M, N] = the Atom GEMM of kernel-layout activations (from the quantize ops) and packed weights."""
-    from vllm_atom.kernels import layout
-
     o = w_outlier.shape[1]
     a = layout.unpack_activation(qa, sa, 2 * qweight.shape[1] + o, o)
     w = reference.QuantizedWeight.from_packed(
@@ -141,6 +141,69 @@ def w4a4_gemm(qa: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale
 @w4a4_gemm.register_fake
 def _(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
     return qa.new_empty((qa.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+# ---- The wgmma path (sm_90a): prepacked weights (`layout.prepack_sm90`), activations in the
+# sm90 layout. Same numerics as the ops above.
+
+def _unprepack(wpack: torch.Tensor, n: int, n_outliers: int) -> reference.QuantizedWeight:
+    return reference.QuantizedWeight.from_packed(layout.unprepack_sm90(wpack, n, n_outliers))
+
+
+def _outliers_of(wpack: torch.Tensor, steps: int) -> int:
+    """The outlier block's width as the kernel sees it (zero-padded to 128), from the slab size."""
+    return layout.GROUP if wpack.shape[1] != steps * layout.CHUNK4 else 0
+
+
+@torch.library.custom_op("vllm_atom::w4a4_gemm_sm90", mutates_args=(), device_types="cpu")
+def w4a4_gemm_sm90(qa: torch.Tensor, sa: torch.Tensor, wpack: torch.Tensor, bias: torch.Tensor | None,
+                   n: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """[M, N] = the Atom GEMM of sm90-layout activations (qa [steps, M, 128], sa [steps, Mp])
+    and prepacked weights wpack [Np/64, slab]."""
+    steps = qa.shape[0]
+    o = _outliers_of(wpack, steps)
+    a = layout.unpack_activation_sm90(qa, sa, layout.GROUP * steps, o)
+    return reference.w4a4_linear_exact(a, _unprepack(wpack, n, o), bias, out_dtype)
+
+
+@w4a4_gemm_sm90.register_fake
+def _(qa, sa, wpack, bias, n, out_dtype):
+    return qa.new_empty((qa.shape[1], n), dtype=out_dtype)
+
+
+@torch.library.custom_op("vllm_atom::atom_linear_sm90", mutates_args=(), device_types="cpu")
+def atom_linear_sm90(x: torch.Tensor, wpack: torch.Tensor, reorder_index: torch.Tensor, bias: torch.Tensor | None,
+                     n: int, n_outliers: int, a_clip: float) -> torch.Tensor:
+    """`atom_linear` with prepacked weights: x [M, K] -> [M, N] in x.dtype."""
+    w = _unprepack(wpack, n, n_outliers)
+    kn = w.q.shape[1]
+    return reference.atom_linear(x, w, reorder_index, n_outliers, bias, group_size=kn // w.scale.shape[1],
+                                 a_clip=a_clip)
+
+
+@atom_linear_sm90.register_fake
+def _(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
+    return x.new_empty((x.shape[0], n))
+
+
+GEMM_ENV = "VLLM_ATOM_GEMM"  # "mma": the mma.sync kernel even on sm_90 (for comparisons)
+
+
+def use_sm90(device: torch.device) -> bool:
+    """Whether linears on ``device`` run the wgmma path (prepacked weights): a compute
+    capability 9.0 GPU, unless VLLM_ATOM_GEMM=mma."""
+    import os
+
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+            and os.environ.get(GEMM_ENV, "") != "mma")
+
+
+def prepare_atom_linear_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype: torch.dtype) -> None:
+    """`prepare_atom_linear` for prepacked weights (compiles every wgmma config the layer can use)."""
+    if wpack.is_cuda:
+        from vllm_atom.kernels import cuda_ops
+
+        cuda_ops.prepare_sm90(wpack, n, reorder_index, dtype)
 
 
 def prepare_atom_linear(qweight: torch.Tensor, w_scale: torch.Tensor, w_outlier: torch.Tensor,

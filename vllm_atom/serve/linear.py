@@ -3,8 +3,11 @@
 create_weights registers the checkpoint tensors of `vllm_atom.format` as vLLM parameters,
 so that vLLM's own weight loaders fill QKVParallelLinear, MergedColumnParallelLinear,
 RowParallelLinear and ColumnParallelLinear (fused shards, tensor-parallel slices).
-apply runs the ``vllm_atom::atom_linear`` custom op, or with VLLM_ATOM_REFERENCE_LINEAR=1 in
-the environment ``vllm_atom::atom_linear_reference`` (the pure-torch reference: slow, for
+On compute capability 9.0 process_weights_after_loading replaces the four weight tensors by
+one prepacked ``atom_wpack`` (`layout.prepack_sm90`) and apply runs
+``vllm_atom::atom_linear_sm90`` (the wgmma kernel); elsewhere apply runs
+``vllm_atom::atom_linear`` on the checkpoint layout. With VLLM_ATOM_REFERENCE_LINEAR=1 in the
+environment it runs ``vllm_atom::atom_linear_reference`` (the pure-torch reference: slow, for
 checking the kernels inside vLLM with everything else unchanged).
 """
 
@@ -40,7 +43,7 @@ from vllm_atom.format import (
     linear_layout,
     tensor_specs,
 )
-from vllm_atom.kernels import ops
+from vllm_atom.kernels import layout, ops
 
 _PARAM_NAMES = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE, REORDER_INDEX)
 REFERENCE_ENV = "VLLM_ATOM_REFERENCE_LINEAR"
@@ -115,17 +118,30 @@ class AtomLinearMethod(LinearMethodBase):
             data = getattr(layer, name).data
             delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
+        layer.atom_sm90 = not self.use_reference and ops.use_sm90(layer.qweight.device)
         try:  # checks the kernels support this layer and compiles them before graph capture
-            ops.prepare_atom_linear(layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
-                                    layer.reorder_index, layer.atom_act_dtype)
+            if layer.atom_sm90:
+                wpack = layout.prepack_sm90(layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale)
+                for name in (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE):
+                    delattr(layer, name)
+                layer.register_parameter("atom_wpack", torch.nn.Parameter(wpack, requires_grad=False))
+                ops.prepare_atom_linear_sm90(wpack, lay.n, layer.reorder_index, layer.atom_act_dtype)
+            else:
+                ops.prepare_atom_linear(layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
+                                        layer.reorder_index, layer.atom_act_dtype)
         except ValueError as e:
             raise ValueError(f"{prefix}: {e}") from e
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        op = ops.atom_linear_reference if self.use_reference else ops.atom_linear
-        y = op(x2, layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
-               layer.reorder_index, bias, self.atom.a_clip)
+        if layer.atom_sm90:
+            lay: LinearLayout = layer.atom_layout
+            y = ops.atom_linear_sm90(x2, layer.atom_wpack, layer.reorder_index, bias, lay.n, lay.n_outliers,
+                                     self.atom.a_clip)
+        else:
+            op = ops.atom_linear_reference if self.use_reference else ops.atom_linear
+            y = op(x2, layer.qweight, layer.w_scale, layer.w_outlier, layer.w_outlier_scale,
+                   layer.reorder_index, bias, self.atom.a_clip)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

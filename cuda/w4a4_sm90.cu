@@ -1,0 +1,235 @@
+// w4a4_sm90.cu -- Atom W4A4 GEMM for Hopper (sm_90a) on warpgroup MMA: out = x_q * w_q^T (+ bias).
+//
+// Tensor contract (one shard; G = Kn/128 INT4 groups, steps = G + (O > 0), Mp = M rounded up to
+// 8, T = bf16 if DTYPE_BF16 else fp16; layouts of vllm_atom/kernels/layout.py):
+//   qa    int8   [steps, M, 128]   activations from act_quant.cu with SM90_LAYOUT: step j of token
+//                                  m at (j*M + m)*128, INT4 values one per byte (permuted inside
+//                                  32-slot chunks as for w4a4_gemm.cu), 16-byte chunk c stored at
+//                                  chunk c ^ (m % 8) (the 128-byte swizzle wgmma reads); the last
+//                                  step holds the INT8 outliers, zero-padded to 128
+//   sa    fp32   [steps, Mp]       per (step, token) activation scales
+//   wpack uint8  [Np/64, slab]     prepacked weights (layout.prepack_sm90): per 64-row slab, per
+//                                  INT4 group a 4224-byte chunk (4096 bytes of wgmma A fragments,
+//                                  then 64 fp16 scales), then one 8320-byte outlier chunk (8192
+//                                  bytes of INT8 fragments, 64 fp16 scales) if O > 0
+//   bias  T [N] or null;  out T [M, N]
+// Math: per step an exact int32 dot product on tensor cores (wgmma m64nBNk32 s8, INT4 weights
+// expanded in registers to 16*w), folded into fp32 as acc += (isum * sw) * sa with two FMAs
+// (the accumulator starts at the bits of 1.5*2^23, see common.cuh), steps in order; the
+// CS CTAs of a cluster split the steps and their partial tiles are summed in rank order
+// through distributed shared memory; then bias and rounding to T. The same arithmetic as
+// w4a4_gemm.cu, step by step.
+// Tile: 64*WGC weight rows x BN tokens per CTA; WGC consumer warpgroups (64 rows each) and one
+// producer warpgroup (registers handed to the consumers with setmaxnreg) whose first thread streams each step (weights, activations, scales) into one of STAGES
+// shared-memory stages with bulk async copies.
+// Grid (tiles_m * tiles_n, CS), cluster (1, CS, 1); tiles rasterized in groups of 8 M-tiles.
+#include "sm90.cuh"
+
+#ifndef BN
+#define BN 128
+#define WGC 2
+#define STAGES 5
+#define CS 1
+#endif
+
+#define ROWS (64 * WGC)
+#define THREADS (128 * WGC + 128)
+#define CHUNK4 4224  // 64 rows x 64 bytes of INT4 fragments + 64 fp16 scales
+#define CHUNK8 8320  // 64 rows x 128 bytes of INT8 fragments + 64 fp16 scales
+#define ACT_BYTES (BN * 128)
+#define W_OFF ACT_BYTES
+#define SA_OFF (W_OFF + WGC * CHUNK8)
+#define STAGE_BYTES ((SA_OFF + BN * 4 + 1023) / 1024 * 1024)
+#define P_LD (ROWS + 4)  // partial tile [BN][P_LD] fp32: conflict-free writes of the fragments
+#define NACC (BN / 2)
+#define GROUP_M 8
+// Per SM sub-partition (16,384 registers) one warp of each warpgroup.
+#define PRODUCER_REGS 56
+#define CONSUMER_REGS (WGC == 2 ? 224 : 256)
+
+static_assert(BN * P_LD * 4 <= STAGES * STAGE_BYTES, "partial tile does not fit in the stages");
+static_assert(ROWS % (2 * CS) == 0, "rows do not split over the cluster");
+
+#if CS > 1
+#define CLUSTER_ATTR __cluster_dims__(1, CS, 1)
+#else
+#define CLUSTER_ATTR
+#endif
+
+// This thread's A fragments (4 k-chunks of 32) and its two rows' weight scales for one step.
+__device__ __forceinline__ void load_weights(const unsigned char* chunk, bool outlier, int warp, int lane,
+                                             u32 (&a)[4][4], float (&sw)[2]) {
+  const int g = lane >> 2;
+  if (!outlier) {
+    const uint4 lo = *(const uint4*)(chunk + warp * 1024 + lane * 16);        // row g
+    const uint4 hi = *(const uint4*)(chunk + warp * 1024 + 512 + lane * 16);  // row g + 8
+    const u32 l[4] = {lo.x, lo.y, lo.z, lo.w}, h[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {  // even nibbles (slots 8t+2i) * 16, then odd ones
+      a[kc][0] = (l[kc] << 4) & 0xF0F0F0F0u;
+      a[kc][1] = (h[kc] << 4) & 0xF0F0F0F0u;
+      a[kc][2] = l[kc] & 0xF0F0F0F0u;
+      a[kc][3] = h[kc] & 0xF0F0F0F0u;
+    }
+    const u16* s = (const u16*)(chunk + 4096) + warp * 16 + g;
+    sw[0] = half_to_float(s[0]) * 0.0625f;
+    sw[1] = half_to_float(s[8]) * 0.0625f;
+  } else {
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      const uint4 v = *(const uint4*)(chunk + warp * 2048 + kc * 512 + lane * 16);
+      a[kc][0] = v.x;
+      a[kc][1] = v.y;
+      a[kc][2] = v.z;
+      a[kc][3] = v.w;
+    }
+    const u16* s = (const u16*)(chunk + 8192) + warp * 16 + g;
+    sw[0] = half_to_float(s[0]);
+    sw[1] = half_to_float(s[8]);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
+w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
+          const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
+          int tiles_m, int tiles_n, int steps_per_split) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Stages start 1024-byte aligned (the swizzle pattern is a function of the address); the
+  // host allocates SMEM_BYTES = STAGES * STAGE_BYTES + 1024 + 16 * STAGES.
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  u64* full = (u64*)(smem + STAGES * STAGE_BYTES);
+  u64* empty = full + STAGES;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+
+  const int pid = blockIdx.x, in_group = GROUP_M * tiles_n;
+  const int first_m = (pid / in_group) * GROUP_M;
+  const int gm = min(tiles_m - first_m, GROUP_M);
+  const int tm = first_m + (pid % in_group) % gm, tn = (pid % in_group) / gm;
+  const int m0 = tm * BN, n0 = tn * ROWS;
+  const int steps = G + has_outliers;
+  const int rank = CS > 1 ? (int)cluster_rank() : 0;
+  const int j0 = min(steps, rank * steps_per_split), j1 = min(steps, j0 + steps_per_split);
+  const size_t slab = (size_t)G * CHUNK4 + (has_outliers ? CHUNK8 : 0);
+
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4 * WGC);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warp >= 4 * WGC) {
+    // Producer: one thread issues every copy of every step of this CTA.
+    setmaxnreg_dec<PRODUCER_REGS>();
+    if (warp == 4 * WGC && lane == 0) {
+      const u64 keep = policy_evict_last(), stream = policy_evict_first();
+      const int rows = min(BN, M - m0), srows = min(BN, Mp - m0);
+      for (int j = j0; j < j1; ++j) {
+        const int it = j - j0, s = it % STAGES;
+        if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+        const bool outlier = j == G;
+        const u32 wbytes = outlier ? CHUNK8 : CHUNK4;
+        unsigned char* st = smem + s * STAGE_BYTES;
+        mbar_arrive_expect_tx(&full[s], WGC * wbytes + rows * 128 + srows * 4);
+#pragma unroll
+        for (int w = 0; w < WGC; ++w)
+          bulk_copy(st + W_OFF + w * CHUNK8, wpack + (tn * WGC + w) * slab + (size_t)j * CHUNK4, wbytes, &full[s],
+                    stream);
+        bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
+        bulk_copy(st + SA_OFF, sa + (size_t)j * Mp + m0, srows * 4, &full[s], keep);
+      }
+    }
+#if CS > 1
+    __syncwarp();
+    cluster_sync();  // the consumers' partial tiles are written
+    cluster_sync();  // and read
+#endif
+    return;
+  }
+
+  // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile.
+  setmaxnreg_inc<CONSUMER_REGS>();
+  const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3;
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+  for (int j = j0; j < j1; ++j) {
+    const int it = j - j0, s = it % STAGES;
+    mbar_wait(&full[s], (it / STAGES) & 1);
+    const unsigned char* st = smem + s * STAGE_BYTES;
+    u32 a[4][4];
+    float sw[2];
+    load_weights(st + W_OFF + wg * CHUNK8, j == G, w, lane, a, sw);
+    float2 fa[BN / 8];  // activation scales of tokens 8i + 2t, 8i + 2t + 1
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(st + SA_OFF + (8 * i + 2 * t) * 4);
+    int c[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) c[i] = MAGIC_I;
+    wgmma_fence();
+    const u32 act = smem_addr(st);
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) Wgmma<BN>::mma(c, a[kc], desc_sw128(act + kc * 32));
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+    const float off[2] = {-MAGIC_F * sw[0], -MAGIC_F * sw[1]};  // exact: 13-bit products
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int q = 4 * i + 2 * h;
+        const float t0 = fmaf(__int_as_float(c[q]), sw[h], off[h]);  // = isum * sw
+        const float t1 = fmaf(__int_as_float(c[q + 1]), sw[h], off[h]);
+        acc[q] = fmaf(t0, fa[i].x, acc[q]);
+        acc[q + 1] = fmaf(t1, fa[i].y, acc[q + 1]);
+      }
+  }
+
+  // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].
+  float* part = (float*)smem;
+  named_sync(1, 128 * WGC);  // every consumer is done reading the stages
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        part[(8 * i + 2 * t + e) * P_LD + 64 * wg + 16 * w + g + 8 * h] = acc[4 * i + 2 * h + e];
+#if CS > 1
+  cluster_sync();
+  const int r0 = rank * (ROWS / CS), nr = ROWS / CS;
+#else
+  named_sync(1, 128 * WGC);
+  const int r0 = 0, nr = ROWS;
+#endif
+  for (int idx = tid; idx < BN * nr / 2; idx += 128 * WGC) {
+    const int tok = idx / (nr / 2), row = r0 + 2 * (idx % (nr / 2));
+    const int m = m0 + tok, n = n0 + row;
+    if (m < M && n < N) {
+      const float* p = part + tok * P_LD + row;
+#if CS > 1
+      float2 v = make_float2(0.0f, 0.0f);
+#pragma unroll
+      for (int k = 0; k < CS; ++k) {
+        const float2 pk = ld_cluster_f2(p, k);
+        v.x += pk.x;
+        v.y += pk.y;
+      }
+#else
+      float2 v = *(const float2*)p;
+#endif
+      if (bias) {
+        v.x += to_float(bias[n]);
+        v.y += to_float(bias[n + 1]);
+      }
+      *(u32*)(out + (size_t)m * N + n) = (u32)from_float(v.x) | ((u32)from_float(v.y) << 16);
+    }
+  }
+#if CS > 1
+  cluster_sync();  // keep this CTA's shared memory alive until every rank has read it
+#endif
+}

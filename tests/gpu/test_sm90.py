@@ -1,0 +1,163 @@
+"""The wgmma GEMM (`cuda/w4a4_sm90.cu`) and the sm90 activation layout against the reference
+(run on an H100/H200; skipped elsewhere).
+
+Same oracle and bound as test_kernels.py: activation integers and scales bit for bit
+(`layout.pack_activation_sm90` of `reference.quantize_activation`); the GEMM within
+(steps + 4 + splits) * 2^-24 * sum|terms| plus one rounding of the output dtype of
+`reference.w4a4_linear_exact`, over the real layer shapes, odd M, every cluster split,
+poisoned outputs, graph replay and torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_kernels import CFG, DEV, SHAPES, check_gemm, make_input, make_weight, outliers, poison, ref_quantize
+from vllm_atom.kernels import gemm_plan, layout, ops
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                 reason="needs an sm_90 GPU")]
+
+M_LIST = [1, 2, 3, 5, 7, 8, 9, 16, 17, 31, 33, 64, 65, 127, 128, 255, 256, 1024, 4097]
+# the TP=2 shards (row_shards 2) of Llama-2-7B o / down and of a 64-outlier K
+SHARD_SHAPES = {"llama2-7b-o/2": (4096, 2048), "llama2-7b-down/2": (4096, 5504), "k576-64-outliers": (384, 576)}
+ALL_SHAPES = {**SHAPES, **SHARD_SHAPES}
+
+
+def prepacked(w):
+    p = w.packed()
+    return layout.prepack_sm90(p["qweight"], p["w_scale"], p["w_outlier"], p["w_outlier_scale"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", sorted({k for _, k in ALL_SHAPES.values()}))
+@pytest.mark.parametrize("m", [1, 7, 33, 1024])
+def test_quantize_act_sm90_exact(m, k, dtype):
+    o = outliers(k)
+    x, idx = make_input(m, k, dtype)
+    want_qa, want_sa = layout.pack_activation_sm90(ref_quantize(x, idx, o))
+    _, _, steps = layout.sizes(k, o)
+    for value in (0xFF, 0x7F):
+        poison([((steps, m, 128), torch.int8), ((steps, layout.padded_tokens(m)), torch.float32)], value)
+        qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, o, CFG.a_clip, True)
+        assert torch.equal(qa, want_qa), f"{(qa != want_qa).sum().item()} of {qa.numel()} bytes differ"
+        assert torch.equal(sa[:, :m], want_sa[:, :m])
+
+
+@pytest.mark.parametrize("shape", list(ALL_SHAPES))
+@pytest.mark.parametrize("m", M_LIST)
+def test_atom_linear_sm90(m, shape):
+    n, k = ALL_SHAPES[shape]
+    o = outliers(k)
+    gen = torch.Generator(device=DEV).manual_seed(1000 * m + n + k)
+    x, idx = make_input(m, k, gen=gen)
+    w = make_weight(n, k, idx, gen=gen)
+    wpack = prepacked(w)
+    bias = torch.randn(n, device=DEV, generator=gen).to(x.dtype) if n % 3 == 0 else None
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    a = ref_quantize(x, idx, o)
+    _, _, steps = layout.sizes(k, o)
+    for value in (0xFF, 0x7F):
+        poison([((m, n), x.dtype)], value)
+        y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, bias, n, o, CFG.a_clip)
+        check_gemm(y, a, w, bias, steps, 8)
+
+
+@pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
+@pytest.mark.parametrize("m", [1, 16, 64, 200])
+def test_every_cluster_split(m, cs, monkeypatch):
+    """The split is a table entry: force each one (the DSMEM reduction of 1, 2, 4, 8 partials)."""
+    n, k = SHAPES["llama2-7b-down"]
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cs)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs)
+
+
+@pytest.mark.parametrize("m", [1, 16, 33, 300, 2000])
+def test_w4a4_gemm_sm90_fp16_bias(m):
+    n, k = 1000, 640
+    x, idx = make_input(m, k, torch.float16)
+    w = make_weight(n, k, idx)
+    qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, 128, CFG.a_clip, True)
+    bias = torch.randn(n, device=DEV).half()
+    y = torch.ops.vllm_atom.w4a4_gemm_sm90(qa, sa, prepacked(w), bias, n, torch.float16)
+    check_gemm(y, layout.unpack_activation_sm90(qa, sa, k, 128), w, bias, 5, 8)
+
+
+def test_same_result_as_mma_kernel_up_to_rounding():
+    """Both kernels fold the same terms in the same order: they agree but for split order."""
+    n, k = SHAPES["llama3-8b-qkv"]
+    o = outliers(k)
+    x, idx = make_input(300, k)
+    w = make_weight(n, k, idx)
+    p = w.packed()
+    y90 = torch.ops.vllm_atom.atom_linear_sm90(x, prepacked(w), idx, None, n, o, CFG.a_clip)
+    y80 = torch.ops.vllm_atom.atom_linear(x, p["qweight"], p["w_scale"], p["w_outlier"], p["w_outlier_scale"],
+                                          idx, None, CFG.a_clip)
+    assert (y90.float() - y80.float()).abs().max() <= 2 ** -6 * y80.float().abs().max()
+
+
+@pytest.mark.parametrize("m,shape", [(1, "llama2-7b-o"), (16, "llama3-8b-down"), (33, "qwen2.5-1.5b-qkv"),
+                                     (300, "smollm2-gate_up")])
+def test_cuda_graph_replay_sm90(m, shape):
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    wpack = prepacked(make_weight(n, k, idx))
+    args = (wpack, idx, None, n, o, CFG.a_clip)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.vllm_atom.atom_linear_sm90(static_x, *args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = torch.ops.vllm_atom.atom_linear_sm90(static_x, *args)
+    for _ in range(3):
+        x2, _ = make_input(m, k)
+        static_x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, torch.ops.vllm_atom.atom_linear_sm90(x2, *args))
+
+
+def test_torch_compile_fullgraph_sm90():
+    n, k = 2048, 1536
+    x, idx = make_input(7, k)
+    wpack = prepacked(make_weight(n, k, idx))
+
+    def f(x):
+        return torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, 128, CFG.a_clip) * 2
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for m in (7, 19, 300):
+        xm, _ = make_input(m, k)
+        assert torch.equal(cf(xm), f(xm))
+
+
+def test_opcheck_sm90():
+    x, idx = make_input(5, 576)
+    wpack = prepacked(make_weight(64, 576, idx))
+    torch.library.opcheck(torch.ops.vllm_atom.atom_linear_sm90.default, (x, wpack, idx, None, 64, 64, 0.9),
+                          test_utils=("test_schema", "test_faketensor"))
+    qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, 64, 0.9, True)
+    torch.library.opcheck(torch.ops.vllm_atom.w4a4_gemm_sm90.default, (qa, sa, wpack, None, 64, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_malformed_wpack_raises_value_error():
+    x, idx = make_input(4, 576)
+    wpack = prepacked(make_weight(64, 576, idx))
+    with pytest.raises(ValueError, match="slab"):
+        ops.prepare_atom_linear_sm90(wpack[:, :-16].contiguous(), 64, idx, torch.bfloat16)
+    with pytest.raises(ValueError, match="N="):
+        ops.prepare_atom_linear_sm90(wpack, 300, idx, torch.bfloat16)

@@ -1,0 +1,142 @@
+"""Which GEMM kernel and tile configuration runs a given (M, N, K): pure Python, no imports of
+torch or CuPy, so tests and benchmarks read the same table the ops use.
+
+Two kernels:
+- ``cuda/w4a4_gemm.cu`` (mma.sync, sm_80 and newer): `GEMM_CONFIGS` picked by M, split-K by
+  `gemm_plan`.
+- ``cuda/w4a4_sm90.cu`` (wgmma, sm_90a): `Sm90Config` picked by M (tokens are the wgmma N
+  side, so the tile is as wide as the batch), with a cluster split of the K steps chosen by
+  `sm90_plan`: the measured entries of `SM90_TUNED` first, else a wave model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+# ---- mma.sync kernel (cuda/w4a4_gemm.cu) ----
+
+# name: (BM, BN, WARPS_M, WARPS_N, STAGES, MIN_BLOCKS)
+GEMM_CONFIGS = {
+    "small": (16, 128, 1, 4, 8, 2),
+    "medium": (64, 128, 2, 4, 4, 1),
+    "large": (128, 128, 2, 4, 4, 1),
+}
+N_COUNTERS = 1 << 14  # split-K tile counters the wrapper allocates per device
+
+
+def gemm_config(m: int) -> str:
+    return "small" if m <= 16 else "medium" if m <= 64 else "large"
+
+
+def gemm_plan(m: int, n: int, groups: int, sms: int) -> tuple[str, int, int]:
+    """(config, splits, groups per split): the tile config for M, and a split-K factor that
+    brings the CTA count up to about one wave when the tiles alone are fewer, with at least
+    two groups per split."""
+    cfg = gemm_config(m)
+    bm, bn, *_, min_blocks = GEMM_CONFIGS[cfg]
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    target = sms * min_blocks
+    splits = 1
+    if tiles < target and tiles <= N_COUNTERS:
+        splits = max(1, min(target // tiles, groups // 2, 32))
+    per_split = math.ceil(groups / splits)
+    return cfg, math.ceil(groups / per_split), per_split
+
+
+# ---- wgmma kernel (cuda/w4a4_sm90.cu) ----
+
+SM90_SMEM = 227 * 1024  # shared memory per block on sm_90 (opt-in)
+SM90_CHUNK8 = 8320      # bytes of the largest step chunk of one 64-row slab (layout.CHUNK8)
+
+
+class Sm90Config(NamedTuple):
+    """bn: tokens per CTA (the wgmma N); wgc: consumer warpgroups (64 weight rows each);
+    stages: shared-memory pipeline depth; cs: CTAs per cluster splitting the K steps."""
+
+    bn: int
+    wgc: int
+    stages: int
+    cs: int
+
+    @property
+    def rows(self) -> int:
+        return 64 * self.wgc
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.wgc + 128
+
+    def defines(self) -> tuple[tuple[str, int], ...]:
+        return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs))
+
+    @property
+    def stage_bytes(self) -> int:
+        raw = self.bn * 128 + self.wgc * SM90_CHUNK8 + self.bn * 4
+        return (raw + 1023) // 1024 * 1024
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of one CTA (stages, 1024 for alignment, the mbarriers)."""
+        return self.stages * self.stage_bytes + 1024 + 16 * self.stages
+
+
+SM90_WIDTHS = (8, 16, 32, 64, 128)
+SM90_SPLITS = (1, 2, 4, 8)
+
+
+def sm90_width(m: int) -> int:
+    """The wgmma N (tokens per CTA) for M tokens."""
+    return next((w for w in SM90_WIDTHS if m <= w), SM90_WIDTHS[-1])
+
+
+def sm90_stages(bn: int, wgc: int = 2) -> int:
+    """As many stages as fit in shared memory (at most 12)."""
+    for stages in range(12, 1, -1):
+        if Sm90Config(bn, wgc, stages, 1).smem_bytes <= SM90_SMEM:
+            return stages
+    raise ValueError(f"no sm90 pipeline fits for BN={bn}")
+
+
+# Measured best cluster split for (M bucket = wgmma N, N, K) on an H100/H200: filled from
+# examples/benchmarks/bench_gemm.py --sweep-splits (see cuda/NOTES.md). Missing keys use the model.
+SM90_TUNED: dict[tuple[int, int, int], int] = {}
+
+# Per-CTA cost outside the step loop (pipeline fill, epilogue, cluster barriers), in steps.
+_CTA_OVERHEAD_STEPS = 4
+
+
+def sm90_splits_model(tiles: int, steps: int, sms: int) -> int:
+    """The split that minimises waves * (steps per split + overhead) with >= 2 steps per split."""
+    best, best_cost = 1, math.inf
+    for cs in SM90_SPLITS:
+        if cs > 1 and steps < 2 * cs:
+            break
+        waves = math.ceil(tiles * cs / sms)
+        cost = waves * (math.ceil(steps / cs) + _CTA_OVERHEAD_STEPS)
+        if cost < best_cost:
+            best, best_cost = cs, cost
+    return best
+
+
+def sm90_plan(m: int, n: int, k: int, steps: int, sms: int) -> tuple[Sm90Config, int]:
+    """(config, steps per split) for the wgmma kernel: N = rows, K = input channels of the shard
+    (for the table lookup), steps = INT4 groups + 1 if there are outliers."""
+    bn = sm90_width(m)
+    tiles = math.ceil(m / bn) * math.ceil(n / 128)
+    cs = SM90_TUNED.get((bn, n, k)) or sm90_splits_model(tiles, steps, sms)
+    while cs > 1 and steps < 2 * cs:
+        cs //= 2
+    cfg = Sm90Config(bn, 2, sm90_stages(bn), cs)
+    return cfg, math.ceil(steps / cs)
+
+
+def sm90_configs(n: int, k: int, steps: int, sms: int, max_m: int = 1 << 16) -> set[Sm90Config]:
+    """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front)."""
+    out = set()
+    for bn in SM90_WIDTHS[:-1]:
+        out.add(sm90_plan(bn, n, k, steps, sms)[0])
+    bn = SM90_WIDTHS[-1]
+    for tiles_m in range(1, math.ceil(max_m / bn) + 1):
+        out.add(sm90_plan(tiles_m * bn, n, k, steps, sms)[0])
+    return out
