@@ -67,6 +67,15 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
 
+// Pins accumulator registers at this point of the instruction stream (a compiler barrier for
+// them): reads after a wgmma_wait cannot be hoisted above it, writes before an issue cannot sink
+// into the asynchronous region (either makes ptxas serialize the wgmmas).
+template <int N>
+__device__ __forceinline__ void fence_operand(int (&c)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(c[i])::"memory");
+}
+
 // Shared-memory matrix descriptor of a K-major operand tile whose rows are 128 bytes with the
 // 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)), 8-row blocks 1024
 // bytes apart; the tile starts 1024-byte aligned, `addr` may be offset by k bytes into the row.
@@ -74,7 +83,7 @@ __device__ __forceinline__ u64 desc_sw128(u32 addr) {
   return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
-// D[64 x WIDTH] (s32, accumulate) += A[64 x 32] (s8, registers) * B[32 x WIDTH] (s8, shared, K-major).
+// D[64 x WIDTH] (s32) = A[64 x 32] (s8, registers) * B[32 x WIDTH] (s8, shared, K-major) + (scale_d ? D : 0).
 // Accumulator layout (thread = warp w of the warpgroup, lane = 4g + t): d[4j + 2h + e] holds
 // row 16w + g + 8h, column 8j + 2t + e. A fragment: a[0] row g, k 4t..4t+3; a[1] row g+8, same k;
 // a[2] row g, k 16+4t..; a[3] row g+8, k 16+4t.. (four s8 per register, lowest k first).
@@ -88,52 +97,52 @@ template <int WIDTH> struct Wgmma;
 #define ACC64(i) ACC32(i), ACC32(i + 32)
 
 template <> struct Wgmma<8> {
-  __device__ __forceinline__ static void mma(int (&d)[4], const u32 (&a)[4], u64 desc) {
+  __device__ __forceinline__ static void mma(int (&d)[4], const u32 (&a)[4], u64 desc, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8 {"
         "%0, %1, %2, %3"
         "}, {%4, %5, %6, %7}, %8, p;\n}\n"
-        : ACC4(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+        : ACC4(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };
 
 template <> struct Wgmma<16> {
-  __device__ __forceinline__ static void mma(int (&d)[8], const u32 (&a)[4], u64 desc) {
+  __device__ __forceinline__ static void mma(int (&d)[8], const u32 (&a)[4], u64 desc, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 {"
         "%0, %1, %2, %3, %4, %5, %6, %7"
         "}, {%8, %9, %10, %11}, %12, p;\n}\n"
-        : ACC8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+        : ACC8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };
 
 template <> struct Wgmma<32> {
-  __device__ __forceinline__ static void mma(int (&d)[16], const u32 (&a)[4], u64 desc) {
+  __device__ __forceinline__ static void mma(int (&d)[16], const u32 (&a)[4], u64 desc, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
         "}, {%16, %17, %18, %19}, %20, p;\n}\n"
-        : ACC16(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+        : ACC16(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };
 
 template <> struct Wgmma<64> {
-  __device__ __forceinline__ static void mma(int (&d)[32], const u32 (&a)[4], u64 desc) {
+  __device__ __forceinline__ static void mma(int (&d)[32], const u32 (&a)[4], u64 desc, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
         "}, {%32, %33, %34, %35}, %36, p;\n}\n"
-        : ACC32(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+        : ACC32(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };
 
 template <> struct Wgmma<128> {
-  __device__ __forceinline__ static void mma(int (&d)[64], const u32 (&a)[4], u64 desc) {
+  __device__ __forceinline__ static void mma(int (&d)[64], const u32 (&a)[4], u64 desc, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
@@ -142,7 +151,7 @@ template <> struct Wgmma<128> {
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
         "}, {%64, %65, %66, %67}, %68, p;\n}\n"
-        : ACC64(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+        : ACC64(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };
 

@@ -26,15 +26,28 @@ def test_sm90_plan_is_valid(m, n, k):
 
 
 def test_tuned_entry_wins(monkeypatch):
-    monkeypatch.setitem(gp.SM90_TUNED, (8, 4096, 4096), 8)
-    assert gp.sm90_plan(1, 4096, 4096, 32, 132)[0].cs == 8
+    monkeypatch.setitem(gp.SM90_TUNED, (8, 4096, 4096), (1, 8))
+    cfg = gp.sm90_plan(1, 4096, 4096, 32, 132)[0]
+    assert (cfg.wgc, cfg.cs) == (1, 8)
     assert gp.sm90_plan(1, 4096, 4096, 3, 132)[0].cs == 1  # never more splits than steps allow
 
 
-def test_split_model_fills_one_wave_for_small_layers():
-    # 32 tiles of 128 rows x 32 steps: 4 splits put 128 CTAs on 132 SMs
-    assert gp.sm90_splits_model(32, 32, 132) == 4
-    assert gp.sm90_splits_model(1000, 64, 132) == 1
+def test_model_spreads_small_layers_over_the_gpu():
+    # Llama-2-7B o_proj at M=1: 32 tiles of 128 rows alone leave 100 SMs idle
+    cfg = gp.sm90_plan(1, 4096, 4096, 32, 132, {1: 132, 2: 132, 4: 120, 8: 120})[0]
+    assert cfg.cs * 4096 // cfg.rows >= 64
+    # a big GEMM needs no split
+    assert gp.sm90_plan(8192, 57344, 8192, 64, 132)[0].cs == 1
+
+
+def test_cluster_slots_limit_the_split():
+    """With room for only 30 clusters of 4, 128 CTAs of size-4 clusters would take two waves."""
+    slots = {1: 132, 2: 132, 4: 120, 8: 120}
+    m, n, steps = 1, 4096, 32
+    c4 = gp.Sm90Config(8, 2, gp.sm90_stages(8), 4)
+    c2 = c4._replace(cs=2)
+    assert gp.sm90_cost(m, n, steps, c4, slots[4]) > gp.sm90_cost(m, n, steps, c4, 132)
+    assert gp.sm90_cost(m, n, steps, c2, slots[2]) > 0
 
 
 def test_mma_plan_unchanged():

@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vllm_atom.config import AtomConfig  # noqa: E402
 from vllm_atom.kernels import gemm_plan, layout, ops  # noqa: E402
 
+if torch.cuda.is_available():
+    from vllm_atom.kernels import cuda_ops  # noqa: E402
+
 # (model, layer, N, K)
 SHAPES = [
     ("smollm2-135m", "qkv", 960, 576), ("smollm2-135m", "gate_up", 3072, 576), ("smollm2-135m", "down", 576, 1536),
@@ -112,10 +115,11 @@ def time_us(fn, sets: list) -> float:
 
 
 def copy_gbps() -> float:
-    """HBM bandwidth of a 1 GiB device-to-device copy (read + write bytes), GB/s."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    """HBM bandwidth of a device-to-device copy of 1 GiB (read + write bytes, GB/s): the better of
+    cudaMemcpy (tensor.copy_) and an elementwise kernel (torch.neg)."""
+    src = torch.zeros(1 << 29, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    us = time_us(lambda a, b: b.copy_(a), [(src, dst)])
+    us = min(time_us(lambda a, b: b.copy_(a), [(src, dst)]), time_us(lambda a, b: torch.neg(a, out=b), [(src, dst)]))
     del src, dst
     return 2 * (1 << 30) / us / 1e3
 
@@ -245,15 +249,21 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
                 continue
             rows.append(dict(M=m, N=n, K=k, impl=name, time_us=round(us, 3), hbm_bytes=nbytes,
                              gbps=round(nbytes / us / 1e3, 1), tops=round(2 * m * n * k / us / 1e6, 1)))
-        if sweep_splits and sm90 and m <= 512:
+        if sweep_splits and sm90 and m <= 256:
             bn = gemm_plan.sm90_width(m)
-            for cs in gemm_plan.SM90_SPLITS:
-                if steps < 2 * cs:
+            saved = gemm_plan.SM90_TUNED.pop((bn, n, k), None)
+            picked = gemm_plan.sm90_plan(m, n, k, steps, torch.cuda.get_device_properties(0).multi_processor_count,
+                                         cuda_ops._cluster_slots(0))[0]
+            for c in gemm_plan.sm90_candidates(m):
+                if c.cs > 1 and steps < 2 * c.cs:
                     continue
-                gemm_plan.SM90_TUNED[(bn, n, k)] = cs
+                gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs)
                 us = time_us(atom_gemm, sets)
-                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_cs{cs}", time_us=round(us, 3)))
-                del gemm_plan.SM90_TUNED[(bn, n, k)]
+                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_w{c.wgc}c{c.cs}", time_us=round(us, 3),
+                                 picked=(c.wgc, c.cs) == (picked.wgc, picked.cs)))
+            del gemm_plan.SM90_TUNED[(bn, n, k)]
+            if saved:
+                gemm_plan.SM90_TUNED[(bn, n, k)] = saved
         del sets
         torch.cuda.empty_cache()
     return rows
@@ -366,6 +376,7 @@ def main() -> None:
     ap.add_argument("--all-models", action="store_true", help="also SmolLM2 and Qwen2.5 layers")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="also time every sm90 cluster split at M <= 512 (rows atom_gemm_cs<N>)")
+    ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
     if args.profile:
@@ -376,6 +387,8 @@ def main() -> None:
     if args.quick:
         shapes = [s for s in shapes if s[1] in ("o", "down")]
         m_list = [1, 16, 64, 256, 1024, 8192]
+    if args.m_list:
+        m_list = [int(v) for v in args.m_list.split(",")]
     fp8_quant_c = torch.compile(fp8_quant, dynamic=True)
     device = torch.cuda.get_device_name()
     copy = copy_gbps()
@@ -394,6 +407,7 @@ def main() -> None:
     (out / f"gemm-{tag}.json").write_text(json.dumps(
         dict(device=device, commit=commit(), torch=torch.__version__, cuda=torch.version.cuda,
              sm90_tuned={f"{k[0]},{k[1]},{k[2]}": v for k, v in gemm_plan.SM90_TUNED.items()},
+             cluster_slots=cuda_ops._cluster_slots(0) if ops.use_sm90(torch.device("cuda")) else None,
              summary=summary, rows=main_rows, detail=detail), indent=1))
     plot(rows, shapes, out / f"gemm-{tag}.png", device)
     t = {(r["M"], r["N"], r["K"], r["impl"]): r["time_us"] for r in rows}
@@ -406,13 +420,13 @@ def main() -> None:
             print(f"{model[:11] + ' ' + layer:>20} {m:>5} " + " ".join(f"{g(c):10.1f}" for c in cols)
                   + f" {g('fp8') / g('atom'):6.2f} {g('bf16') / g('atom'):6.2f}")
     if args.sweep_splits:
-        print("\nsm90 splits (us of atom_gemm per cluster split; * = the plan's pick)")
+        print("\nsm90 configs (us of atom_gemm per warpgroups w x cluster split c; * = the plan's pick)")
         for model, layer, n, k in shapes:
             for m in m_list:
-                cs = {r["impl"]: r["time_us"] for r in rows if (r["M"], r["N"], r["K"]) == (m, n, k)
-                      and r["impl"].startswith("atom_gemm_cs")}
+                cs = [r for r in rows if (r["M"], r["N"], r["K"]) == (m, n, k) and r["impl"].startswith("atom_gemm_w")]
                 if cs:
-                    print(f"{model[:11] + ' ' + layer:>20} {m:>5} " + " ".join(f"{c[9:]}={v:.1f}" for c, v in cs.items()))
+                    print(f"{model[:11] + ' ' + layer:>20} {m:>5} " + " ".join(
+                        f"{r['impl'][10:]}={r['time_us']:.1f}{'*' if r['picked'] else ''}" for r in cs))
     print(json.dumps(summary, indent=1))
 
 

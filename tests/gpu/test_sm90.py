@@ -66,15 +66,19 @@ def test_atom_linear_sm90(m, shape):
 
 
 @pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
+@pytest.mark.parametrize("wgc", [1, 2])
 @pytest.mark.parametrize("m", [1, 16, 64, 200])
-def test_every_cluster_split(m, cs, monkeypatch):
-    """The split is a table entry: force each one (the DSMEM reduction of 1, 2, 4, 8 partials)."""
+def test_every_cluster_split(m, wgc, cs, monkeypatch):
+    """The config is a table entry: force each (warpgroups, split): the DSMEM reduction of 1, 2,
+    4, 8 partials, 64- and 128-row tiles."""
+    if wgc == 1 and m > 64:
+        pytest.skip("one consumer warpgroup only for the decode widths")
     n, k = SHAPES["llama2-7b-down"]
     o = outliers(k)
     x, idx = make_input(m, k)
     w = make_weight(n, k, idx)
     wpack = prepacked(w)
-    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cs)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), (wgc, cs))
     ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
     y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
     check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs)

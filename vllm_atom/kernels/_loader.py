@@ -8,6 +8,7 @@ compiled. Compiling needs no GPU (the CI uses `compile_cubin` for sm_80/sm_89/sm
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def kernel(file: str, name: str, defines: tuple[tuple[str, int], ...], device_in
         optin = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
         driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin - static)
     return fn
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig of the CUDA driver API
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("numAttrs", ctypes.c_uint)]
+
+
+def max_active_clusters(fn, grid: tuple[int, int, int], block: int, smem: int, device_index: int) -> int:
+    """How many clusters of a kernel compiled with __cluster_dims__ can be resident at once
+    (cuOccupancyMaxActiveClusters): GPCs, not SMs, bound a cluster launch."""
+    import cupy
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    cfg = _LaunchConfig(*grid, block, 1, 1, smem, None, None, 0)
+    n = ctypes.c_int(0)
+    with cupy.cuda.Device(device_index):
+        rc = cuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(fn.ptr), ctypes.byref(cfg))
+    if rc != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveClusters failed with CUresult {rc}")
+    return n.value
 
 
 @functools.cache

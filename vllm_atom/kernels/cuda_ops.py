@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from vllm_atom.kernels import _loader, layout, ops
-from vllm_atom.kernels.gemm_plan import GEMM_CONFIGS, N_COUNTERS, gemm_plan, sm90_configs, sm90_plan
+from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, Sm90Config, gemm_plan, sm90_configs,
+                                         sm90_plan, sm90_stages)
 
 ACT_THREADS = 256
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -196,6 +197,19 @@ def _check_sm90(index: int) -> None:
                          f"{major}.{minor}")
 
 
+@functools.cache
+def _cluster_slots(index: int) -> dict[int, int]:
+    """{cluster size: CTAs resident at once} for the sm90 GEMM (one CTA per SM; clusters must fit
+    in one GPC, so sizes 4 and 8 may leave SMs idle)."""
+    slots = {}
+    for cs in SM90_SPLITS:
+        cfg = Sm90Config(8, 1, sm90_stages(8, 1), cs)
+        fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(torch.bfloat16), index)
+        slots[cs] = cs * _loader.max_active_clusters(fn, (_check_device(index), cs, 1), cfg.threads,
+                                                     cfg.smem_bytes, index)
+    return slots
+
+
 def _check_wpack(wpack: torch.Tensor, n: int, steps: int | None = None) -> tuple[int, bool]:
     """(G, has outliers) of prepacked weights for N rows; ValueError if malformed."""
     if wpack.dtype != torch.uint8 or wpack.dim() != 2 or not wpack.is_contiguous() or wpack.data_ptr() % 16:
@@ -235,7 +249,7 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
     k = layout.GROUP * steps
-    cfg, per_split = sm90_plan(m, n, k, steps, sms)
+    cfg, per_split = sm90_plan(m, n, k, steps, sms, _cluster_slots(dev))
     tiles_m, tiles_n = math.ceil(m / cfg.bn), wpack.shape[0] * layout.SLAB_ROWS // cfg.rows
     fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(out_dtype), dev)
     _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1),
@@ -265,7 +279,7 @@ def prepare_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype
     steps = g + has_o
     for name in ("act_quant", "rmsnorm_act_quant", "silu_mul_act_quant"):
         _loader.kernel("act_quant.cu", name, _act_defines(dtype, True), dev)
-    for cfg in sm90_configs(n, layout.GROUP * steps, steps, sms):
+    for cfg in sm90_configs(n, layout.GROUP * steps, steps, sms, _cluster_slots(dev)):
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
 
 

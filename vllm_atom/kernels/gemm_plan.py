@@ -92,51 +92,67 @@ def sm90_width(m: int) -> int:
 
 def sm90_stages(bn: int, wgc: int = 2) -> int:
     """As many stages as fit in shared memory (at most 12)."""
-    for stages in range(12, 1, -1):
+    for stages in range(12 if wgc == 2 else 16, 1, -1):
         if Sm90Config(bn, wgc, stages, 1).smem_bytes <= SM90_SMEM:
             return stages
     raise ValueError(f"no sm90 pipeline fits for BN={bn}")
 
 
-# Measured best cluster split for (M bucket = wgmma N, N, K) on an H100/H200: filled from
+# Measured best (wgc, cluster split) for (M bucket = wgmma N, N, K) on an H100/H200: filled from
 # examples/benchmarks/bench_gemm.py --sweep-splits (see cuda/NOTES.md). Missing keys use the model.
-SM90_TUNED: dict[tuple[int, int, int], int] = {}
+SM90_TUNED: dict[tuple[int, int, int], tuple[int, int]] = {}
 
-# Per-CTA cost outside the step loop (pipeline fill, epilogue, cluster barriers), in steps.
-_CTA_OVERHEAD_STEPS = 4
-
-
-def sm90_splits_model(tiles: int, steps: int, sms: int) -> int:
-    """The split that minimises waves * (steps per split + overhead) with >= 2 steps per split."""
-    best, best_cost = 1, math.inf
-    for cs in SM90_SPLITS:
-        if cs > 1 and steps < 2 * cs:
-            break
-        waves = math.ceil(tiles * cs / sms)
-        cost = waves * (math.ceil(steps / cs) + _CTA_OVERHEAD_STEPS)
-        if cost < best_cost:
-            best, best_cost = cs, cost
-    return best
+# The wave model: a CTA streams its steps at up to SM_GBPS; all CTAs together at up to HBM_GBPS;
+# each wave also pays CTA_US (launch, pipeline fill, epilogue, cluster barriers).
+_SM_GBPS, _HBM_GBPS, _CTA_US = 45.0, 3600.0, 2.0
+_OPS_PER_US = 1.0e9  # INT8 tensor throughput the kernel reaches on the whole GPU, ops per us
 
 
-def sm90_plan(m: int, n: int, k: int, steps: int, sms: int) -> tuple[Sm90Config, int]:
-    """(config, steps per split) for the wgmma kernel: N = rows, K = input channels of the shard
-    (for the table lookup), steps = INT4 groups + 1 if there are outliers."""
+def sm90_cost(m: int, n: int, steps: int, cfg: "Sm90Config", slots: int) -> float:
+    """Modelled microseconds of the wgmma GEMM with config ``cfg`` (``slots``: CTAs resident at
+    once for its cluster size)."""
+    tiles = math.ceil(m / cfg.bn) * math.ceil(n / cfg.rows)
+    ctas = tiles * cfg.cs
+    waves = math.ceil(ctas / max(slots, 1))
+    per_split = math.ceil(steps / cfg.cs)
+    cta_bytes = per_split * (cfg.rows * 66 + cfg.bn * 132)
+    stream = max(ctas * cta_bytes / (_HBM_GBPS * 1e3), waves * cta_bytes / (_SM_GBPS * 1e3))
+    compute = 2 * tiles * cfg.rows * cfg.bn * 128 * steps / _OPS_PER_US
+    return max(stream, compute) + waves * _CTA_US
+
+
+def sm90_candidates(m: int) -> list[Sm90Config]:
     bn = sm90_width(m)
-    tiles = math.ceil(m / bn) * math.ceil(n / 128)
-    cs = SM90_TUNED.get((bn, n, k)) or sm90_splits_model(tiles, steps, sms)
-    while cs > 1 and steps < 2 * cs:
-        cs //= 2
-    cfg = Sm90Config(bn, 2, sm90_stages(bn), cs)
-    return cfg, math.ceil(steps / cs)
+    wgcs = (1, 2) if bn <= 64 else (2,)
+    return [Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs) for wgc in wgcs for cs in SM90_SPLITS]
 
 
-def sm90_configs(n: int, k: int, steps: int, sms: int, max_m: int = 1 << 16) -> set[Sm90Config]:
+def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
+              slots: dict[int, int] | None = None) -> tuple[Sm90Config, int]:
+    """(config, steps per split) for the wgmma kernel: N = rows, K = input channels of the shard
+    (for the table lookup), steps = INT4 groups + 1 if there are outliers; ``slots[cs]``: CTAs of
+    cluster size cs the GPU holds at once (default: one per SM)."""
+    bn = sm90_width(m)
+    slots = slots or {cs: sms for cs in SM90_SPLITS}
+    tuned = SM90_TUNED.get((bn, n, k))
+    if tuned:
+        wgc, cs = tuned
+        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs)
+    else:
+        ok = [c for c in sm90_candidates(m) if c.cs == 1 or steps >= 2 * c.cs]
+        cfg = min(ok, key=lambda c: (sm90_cost(m, n, steps, c, slots[c.cs]), c.cs, -c.wgc))
+    while cfg.cs > 1 and steps < 2 * cfg.cs:
+        cfg = cfg._replace(cs=cfg.cs // 2)
+    return cfg, math.ceil(steps / cfg.cs)
+
+
+def sm90_configs(n: int, k: int, steps: int, sms: int, slots: dict[int, int] | None = None,
+                 max_m: int = 1 << 16) -> set[Sm90Config]:
     """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front)."""
     out = set()
     for bn in SM90_WIDTHS[:-1]:
-        out.add(sm90_plan(bn, n, k, steps, sms)[0])
+        out.add(sm90_plan(bn, n, k, steps, sms, slots)[0])
     bn = SM90_WIDTHS[-1]
     for tiles_m in range(1, math.ceil(max_m / bn) + 1):
-        out.add(sm90_plan(tiles_m * bn, n, k, steps, sms)[0])
+        out.add(sm90_plan(tiles_m * bn, n, k, steps, sms, slots)[0])
     return out
