@@ -42,8 +42,6 @@
 #define STAGE_BYTES ((SA_OFF + BN * 4 + 1023) / 1024 * 1024)
 #define P_LD (ROWS + 4)  // partial tile [BN][P_LD] fp32: conflict-free writes of the fragments
 #define NACC (BN / 2)
-#define HALVES (BN >= 64 ? 2 : 1)  // token halves whose MMAs and folds overlap
-#define HN (BN / HALVES)
 #define GROUP_M 8
 // Per SM sub-partition (16,384 registers) one warp of each warpgroup.
 #define PRODUCER_REGS 56
@@ -105,15 +103,15 @@ __device__ __forceinline__ void issue(int (&c)[WIDTH / 2], const u32 (&a)[4][4],
 }
 
 // acc += (isum * sw) * sa for one step: c holds isum (MAGIC_I + isum read as a float is
-// MAGIC_F + isum exactly, see common.cuh), sw this thread's two rows' weight scales, `sa` the
-// stage's activation scales of these WIDTH tokens.
+// MAGIC_F + isum exactly, see common.cuh), sw this thread's two rows' weight scales, fa[i] the
+// activation scales of its tokens 8i + 2t and 8i + 2t + 1.
 template <int WIDTH>
 __device__ __forceinline__ void fold(float (&acc)[WIDTH / 2], const int (&c)[WIDTH / 2], const float (&sw)[2],
-                                     const unsigned char* sa, int t) {
+                                     const float2 (&fa_)[WIDTH / 8]) {
   const float off[2] = {-MAGIC_F * sw[0], -MAGIC_F * sw[1]};  // exact: 13-bit products
 #pragma unroll
   for (int i = 0; i < WIDTH / 8; ++i) {
-    const float2 fa = *(const float2*)(sa + (8 * i + 2 * t) * 4);  // tokens 8i + 2t, 8i + 2t + 1
+    const float2 fa = fa_[i];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int q = 4 * i + 2 * h;
@@ -185,81 +183,42 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     return;
   }
 
-  // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile, in HALVES token
-  // halves of HN columns. With two halves the MMAs of the next step's half 0 run while this
-  // step's half 1 is folded: per step, wait for both halves -> fold half 0 -> issue half 0 of the
-  // next step -> fold half 1 -> release the stage -> issue half 1 of the next step.
+  // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile. The two
+  // warpgroups fold one step while the other's MMAs run (they drift apart by themselves).
   setmaxnreg_inc<CONSUMER_REGS>();
   const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3;
-  float acc[HALVES][NACC / HALVES];
+  float acc[NACC];
 #pragma unroll
-  for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-    for (int i = 0; i < NACC / HALVES; ++i) acc[h][i] = 0.0f;
-  auto stage = [&](int it) { return smem + (it % STAGES) * STAGE_BYTES; };
-  auto arrived = [&](int it) { mbar_wait(&full[it % STAGES], (it / STAGES) & 1); };
-  int c[HALVES][NACC / HALVES];
-  u32 a[2][4][4];  // A fragments of this step and the next (registers wgmma still reads)
-  float sw[2][2];
-#if HALVES == 2
-  // Every wgmma is issued unconditionally (a step past the end re-reads the current stage and
-  // is never folded): accumulators defined on some paths only would make ptxas serialize.
-  if (j0 < j1) arrived(0);
-  load_weights(stage(0) + W_OFF + wg * CHUNK8, j0 == G, w, lane, a[0], sw[0]);
-  issue<HN>(c[0], a[0], smem_addr(stage(0)));
-  issue<HN>(c[1], a[0], smem_addr(stage(0)) + HN * 128);
-  auto step = [&](int j, int cur) {
-    const int it = j - j0, nxt = cur ^ 1;
-    const unsigned char* st = stage(it);
-    const bool real = j < j1, more = j + 1 < j1;
-    const int itn = more ? it + 1 : it;
-    wgmma_wait<0>();  // both halves of step j (a wait<1> here too makes ptxas serialize)
-    fence_operand(c[0]);
-    if (real) fold<HN>(acc[0], c[0], sw[cur], st + SA_OFF, t);
-    if (more) arrived(itn);
-    load_weights(stage(itn) + W_OFF + wg * CHUNK8, more && j + 1 == G, w, lane, a[nxt], sw[nxt]);
-    issue<HN>(c[0], a[nxt], smem_addr(stage(itn)));
-    wgmma_wait<1>();  // returns at once: only half 0 of the next step is in flight
-    fence_operand(c[1]);
-    if (real) {
-      fold<HN>(acc[1], c[1], sw[cur], st + SA_OFF + HN * 4, t);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[it % STAGES]);
-    }
-    issue<HN>(c[1], a[nxt], smem_addr(stage(itn)) + HN * 128);
-  };
-  for (int j = j0; j < j1; j += 2) {  // unrolled by two so the fragment buffers swap by name
-    step(j, 0);
-    step(j + 1, 1);
-  }
-  wgmma_wait<0>();
-#else
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
   for (int j = j0; j < j1; ++j) {
-    const int it = j - j0;
-    const unsigned char* st = stage(it);
-    arrived(it);
-    load_weights(st + W_OFF + wg * CHUNK8, j == G, w, lane, a[0], sw[0]);
-    issue<HN>(c[0], a[0], smem_addr(st));
+    const int it = j - j0, s = it % STAGES;
+    mbar_wait(&full[s], (it / STAGES) & 1);
+    const unsigned char* st = smem + s * STAGE_BYTES;
+    u32 a[4][4];
+    float sw[2];
+    load_weights(st + W_OFF + wg * CHUNK8, j == G, w, lane, a, sw);
+    float2 fa[BN / 8];  // activation scales of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(st + SA_OFF + (8 * i + 2 * t) * 4);
+    int c[NACC];
+    issue<BN>(c, a, smem_addr(st));
     wgmma_wait<0>();
-    fence_operand(c[0]);
-    fold<HN>(acc[0], c[0], sw[0], st + SA_OFF, t);
+    fence_operand(c);
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[it % STAGES]);
+    if (lane == 0) mbar_arrive(&empty[s]);
+    fold<BN>(acc, c, sw, fa);
   }
-#endif
 
   // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].
   float* part = (float*)smem;
   named_sync(1, 128 * WGC);  // every consumer is done reading the stages
 #pragma unroll
-  for (int hv = 0; hv < HALVES; ++hv)
+  for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
-    for (int i = 0; i < HN / 8; ++i)
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          part[(hv * HN + 8 * i + 2 * t + e) * P_LD + 64 * wg + 16 * w + g + 8 * h] = acc[hv][4 * i + 2 * h + e];
+      for (int e = 0; e < 2; ++e)
+        part[(8 * i + 2 * t + e) * P_LD + 64 * wg + 16 * w + g + 8 * h] = acc[4 * i + 2 * h + e];
 #if CS > 1
   cluster_sync();
   const int r0 = rank * (ROWS / CS), nr = ROWS / CS;

@@ -201,8 +201,8 @@ def _check_sm90(index: int) -> None:
 def _cluster_slots(index: int) -> dict[int, int]:
     """{cluster size: CTAs resident at once} for the sm90 GEMM (one CTA per SM; clusters must fit
     in one GPC, so sizes 4 and 8 may leave SMs idle)."""
-    slots = {}
-    for cs in SM90_SPLITS:
+    slots = {1: _check_device(index)}  # no cluster: the occupancy query does not apply
+    for cs in SM90_SPLITS[1:]:
         cfg = Sm90Config(8, 1, sm90_stages(8, 1), cs)
         fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(torch.bfloat16), index)
         slots[cs] = cs * _loader.max_active_clusters(fn, (_check_device(index), cs, 1), cfg.threads,

@@ -98,9 +98,24 @@ def sm90_stages(bn: int, wgc: int = 2) -> int:
     raise ValueError(f"no sm90 pipeline fits for BN={bn}")
 
 
-# Measured best (wgc, cluster split) for (M bucket = wgmma N, N, K) on an H100/H200: filled from
-# examples/benchmarks/bench_gemm.py --sweep-splits (see cuda/NOTES.md). Missing keys use the model.
-SM90_TUNED: dict[tuple[int, int, int], tuple[int, int]] = {}
+# Measured best (wgc, cluster split) for (M bucket = wgmma N, N, K) on an H200: the fastest row of
+# `examples/benchmarks/bench_gemm.py --sweep-splits` (commit a2429ae, results/gemm-sweep-h200.json;
+# the kernel of widths <= 64 is unchanged since). Llama-2-7B / Llama-3-8B / Llama-2-70B layers at
+# TP=1; other shapes and widths use the model below.
+SM90_TUNED: dict[tuple[int, int, int], tuple[int, int]] = {  # (bn, N, K): (wgc, cs)
+    (8, 4096, 4096): (1, 2), (8, 4096, 11008): (1, 2), (8, 4096, 14336): (1, 2), (8, 6144, 4096): (2, 2),
+    (8, 8192, 8192): (2, 2), (8, 8192, 28672): (2, 2), (8, 10240, 8192): (2, 1), (8, 12288, 4096): (2, 1),
+    (8, 22016, 4096): (2, 2), (8, 28672, 4096): (2, 1), (8, 57344, 8192): (2, 1),
+    (16, 4096, 4096): (1, 2), (16, 4096, 11008): (1, 2), (16, 4096, 14336): (1, 2), (16, 6144, 4096): (2, 2),
+    (16, 8192, 8192): (2, 2), (16, 8192, 28672): (2, 2), (16, 10240, 8192): (2, 1), (16, 12288, 4096): (2, 1),
+    (16, 22016, 4096): (2, 2), (16, 28672, 4096): (2, 1), (16, 57344, 8192): (2, 1),
+    (32, 4096, 4096): (1, 2), (32, 4096, 11008): (1, 2), (32, 4096, 14336): (1, 2), (32, 6144, 4096): (2, 2),
+    (32, 8192, 8192): (2, 2), (32, 8192, 28672): (2, 2), (32, 10240, 8192): (2, 1), (32, 12288, 4096): (2, 1),
+    (32, 22016, 4096): (2, 1), (32, 28672, 4096): (2, 1), (32, 57344, 8192): (2, 1),
+    (64, 4096, 4096): (1, 2), (64, 4096, 11008): (1, 2), (64, 4096, 14336): (1, 2), (64, 6144, 4096): (2, 2),
+    (64, 8192, 8192): (2, 2), (64, 8192, 28672): (2, 2), (64, 10240, 8192): (2, 1), (64, 12288, 4096): (2, 1),
+    (64, 22016, 4096): (2, 2), (64, 28672, 4096): (2, 1), (64, 57344, 8192): (2, 1),
+}
 
 # The wave model: a CTA streams its steps at up to SM_GBPS; all CTAs together at up to HBM_GBPS;
 # each wave also pays CTA_US (launch, pipeline fill, epilogue, cluster barriers).
