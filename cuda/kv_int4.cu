@@ -26,9 +26,14 @@
 #define KW (D / 32)           // K: 32-bit words per thread per token (a quad covers D/2 bytes)
 #define VW (D / 64)           // V: 32-bit words per thread per token (8 threads cover D/2 bytes)
 #define NT (D / 8)            // P.V n-tiles of 8 output dims
-#define TILE 16               // tokens per tile (block_size is a multiple of 16)
-#define WARPS 4
-#define STAGES 4              // cp.async ring depth per warp (contiguous-tile kernel)
+// TILE (tokens per tile; block_size is a multiple), WARPS (per CTA) and STAGES (cp.async ring
+// depth per warp, contiguous-tile kernel) come from vllm_atom/kernels/kv_int4.py as -D defines.
+#if !defined(TILE) || !defined(WARPS) || !defined(STAGES)
+#error "TILE, WARPS and STAGES are -D defines from vllm_atom.kernels.kv_int4._defines"
+#endif
+#if TILE != 16
+#error "TILE must be 16: a tile fills the mma fragments (two n = 8 QK^T tiles, the k = 16 of P.V)"
+#endif
 #define TILE_BYTES (TILE * REC)
 #define NEG_INF __int_as_float(0xff800000)
 

@@ -1,5 +1,16 @@
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # Compiled kernels go to a directory of this session, not ~/.cache, unless one is chosen.
+    if not os.environ.get("VLLM_ATOM_KERNEL_CACHE"):
+        os.environ["VLLM_ATOM_KERNEL_CACHE"] = d = tempfile.mkdtemp(prefix="vllm-atom-kernels-")
+        config.add_cleanup(lambda: shutil.rmtree(d, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 from vllm_atom import reference as ref
+from vllm_atom.checkpoint import load_checkpoint
 from vllm_atom.config import AtomConfig
 from vllm_atom.evaluate import SimModel, checkpoint_states, evaluate, load_model, paired_ppl_ratio
-from vllm_atom.format import QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, linear_layout
+from vllm_atom.format import LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, linear_layout
 from vllm_atom.quantize import QuantizeOptions, quantize
-from vllm_atom.quantize.checkpoint import load_checkpoint
-from vllm_atom.quantize.pipeline import LINEAR_PATHS
 
 from test_quantize import make_tiny  # noqa: E402  (tests/ is on sys.path under pytest)
 

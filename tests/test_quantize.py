@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_atom.checkpoint import load_checkpoint
 from vllm_atom.config import AtomConfig
-from vllm_atom.format import QUANTIZED_LINEARS, check_linear_tensors, linear_layout
+from vllm_atom.format import LINEAR_PATHS, QUANTIZED_LINEARS, check_linear_tensors, linear_layout
 from vllm_atom.quantize import InputError, QuantizeOptions, quantize
-from vllm_atom.quantize.checkpoint import load_checkpoint
-from vllm_atom.quantize.pipeline import LINEAR_PATHS
 from vllm_atom.quantize.reorder import input_groups, reorder_index
 
 WORDS = "the cat sat on a mat and then a dog ran far away to sleep in the warm sun".split()
@@ -153,8 +152,13 @@ def test_rejects_missing_dir_and_short_text(tiny_llama, tmp_path):
     assert not (tmp_path / "o").exists()  # failed before any work
 
 
-def test_offline_path_imports_neither_vllm_nor_cupy():
-    code = ("import sys, vllm_atom.quantize, vllm_atom.evaluate, vllm_atom.cli; "
-            "bad = [m for m in ('vllm', 'cupy') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+@pytest.mark.parametrize("imports, forbidden", [
+    ("vllm_atom.quantize, vllm_atom.evaluate, vllm_atom.cli", ("vllm", "cupy")),  # the offline path
+    ("vllm_atom.evaluate", ("vllm_atom.quantize",)),  # it shares the simulator and reader, not the quantizer
+])
+def test_import_direction(imports, forbidden):
+    code = (f"import sys, {imports}; "
+            f"bad = [m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in {forbidden!r})]; "
+            "print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -89,7 +89,7 @@ def test_checkpoint_biases_carry_the_smoothing(tmp_path):
     from test_quantize import OPTS, make_tiny
 
     from vllm_atom.quantize import quantize
-    from vllm_atom.quantize.checkpoint import load_checkpoint
+    from vllm_atom.checkpoint import load_checkpoint
 
     src = make_tiny(tmp_path / "qwen", arch="qwen2", layers=1, ffn=512)
     from safetensors.torch import load_file

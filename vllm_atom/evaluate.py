@@ -1,7 +1,7 @@
 """Accuracy of simulated Atom quantization: perplexity, KL to the 16-bit model, top-1 agreement.
 
 The simulation uses the runtime's quantization points and numerics (see
-`vllm_atom.quantize.simulate`): every quantized linear quantizes its input per token on
+`vllm_atom.simulate`): every quantized linear quantizes its input per token on
 the fly; the KV cache is INT4 per (token, head), quantized after RoPE where vLLM writes it.
 
 Methods (Atom's ablation ladder, each step adds one thing to the previous):
@@ -31,13 +31,12 @@ from typing import Optional, Sequence
 import torch
 
 from vllm_atom import reference as ref
+from vllm_atom.checkpoint import is_atom_checkpoint, load_checkpoint
 from vllm_atom.config import AtomConfig
-from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_linear_tensors,
-                              linear_layout, split_shards)
-from vllm_atom.quantize.checkpoint import is_atom_checkpoint, load_checkpoint
-from vllm_atom.quantize.pipeline import LAYERS_PREFIX, LINEAR_PATHS
-from vllm_atom.quantize.simulate import (ActScheme, SimLinear, SimState, fake_quantize_weight,
-                                         set_kv_bits, use_sim_attention, wrap_linears)
+from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
+                              check_linear_tensors, linear_layout, split_shards)
+from vllm_atom.simulate import (ActScheme, SimLinear, SimState, fake_quantize_weight, set_kv_bits,
+                                use_sim_attention, wrap_linears)
 
 METHODS = ("fp16", "rtn", "outliers-fp16", "outliers-int8", "group128", "clip", "atom", "atom-kv4")
 LABELS = {

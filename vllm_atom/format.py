@@ -73,6 +73,13 @@ TENSOR_SUFFIXES = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE, REORDER_INDEX)
 
 # Linear layers of Llama-family and Qwen2 decoders that Atom quantizes.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Where they sit: decoder layer i is ``f"{LAYERS_PREFIX}.{i}"``, linear m inside it ``LINEAR_PATHS[m]``.
+LAYERS_PREFIX = "model.layers"
+LINEAR_PATHS = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
 # Linears that read one shared input and therefore share reorder index and outliers.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Linears whose input is split across tensor-parallel ranks.
@@ -170,23 +177,6 @@ def check_reorder_index(name: str, index: torch.Tensor, layout: LinearLayout) ->
                 f"{name}: shard {s} is not a permutation of 0..{layout.k_shard - 1}")
 
 
-_SHARDED = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE)
-
-
-def join_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-shard weight tensors (keyed by suffix) -> one linear's tensors, shard after
-    shard along the input dimension (``reorder_index`` is not included)."""
-    return {key: torch.cat([sh[key] for sh in shards], 1) for key in _SHARDED}
-
-
-def split_shards(tensors: Mapping[str, torch.Tensor], layout: LinearLayout) -> list[dict[str, torch.Tensor]]:
-    """Inverse of `join_shards` for a linear of ``layout`` (keys are suffixes)."""
-    widths = {QWEIGHT: layout.k_normal // 2, W_SCALE: layout.n_groups,
-              W_OUTLIER: layout.n_outliers, W_OUTLIER_SCALE: 1}
-    return [{key: tensors[key][:, s * w:(s + 1) * w] for key, w in widths.items()}
-            for s in range(layout.shards)]
-
-
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack INT4 values along the last dim: [..., K] (int, values in [-8, 15]) -> uint8 [..., K/2].
 
@@ -209,6 +199,38 @@ def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
     if signed:
         out = out - ((out >= 8).to(torch.int8) << 4)
     return out
+
+
+def pack_weight(q: torch.Tensor, scale: torch.Tensor, q_outlier: torch.Tensor,
+                outlier_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One shard's weights, unpacked (`reference.QuantizedWeight`: q int8 [N, Kn] in [-8, 7],
+    scale fp16 [N, Kn/G], q_outlier int8 [N, O], outlier_scale fp16 [N]) -> its checkpoint
+    tensors, keyed by suffix (``reorder_index`` is not included)."""
+    return {QWEIGHT: pack_int4(q), W_SCALE: scale, W_OUTLIER: q_outlier,
+            W_OUTLIER_SCALE: outlier_scale.reshape(-1, 1)}
+
+
+def unpack_weight(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Inverse of `pack_weight`: (q, scale, q_outlier, outlier_scale) of one shard."""
+    return (unpack_int4(tensors[QWEIGHT]), tensors[W_SCALE], tensors[W_OUTLIER],
+            tensors[W_OUTLIER_SCALE].reshape(-1))
+
+
+_SHARDED = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE)
+
+
+def join_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-shard weight tensors (keyed by suffix) -> one linear's tensors, shard after
+    shard along the input dimension (``reorder_index`` is not included)."""
+    return {key: torch.cat([sh[key] for sh in shards], 1) for key in _SHARDED}
+
+
+def split_shards(tensors: Mapping[str, torch.Tensor], layout: LinearLayout) -> list[dict[str, torch.Tensor]]:
+    """Inverse of `join_shards` for a linear of ``layout`` (keys are suffixes)."""
+    widths = {QWEIGHT: layout.k_normal // 2, W_SCALE: layout.n_groups,
+              W_OUTLIER: layout.n_outliers, W_OUTLIER_SCALE: 1}
+    return [{key: tensors[key][:, s * w:(s + 1) * w] for key, w in widths.items()}
+            for s in range(layout.shards)]
 
 
 def _describe(spec: TensorSpec) -> str:

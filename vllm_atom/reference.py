@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_atom.format import pack_int4, unpack_int4
+from vllm_atom.format import pack_int4, pack_weight, unpack_int4, unpack_weight
 
 INT4_MAX = 7
 INT8_MAX = 127
@@ -50,17 +50,11 @@ class QuantizedWeight(NamedTuple):
 
     def packed(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensors (one shard) in `vllm_atom.format` layout, keyed by suffix."""
-        return {
-            "qweight": pack_int4(self.q),
-            "w_scale": self.scale,
-            "w_outlier": self.q_outlier,
-            "w_outlier_scale": self.outlier_scale.reshape(-1, 1),
-        }
+        return pack_weight(*self)
 
     @classmethod
     def from_packed(cls, t: dict[str, torch.Tensor]) -> "QuantizedWeight":
-        return cls(unpack_int4(t["qweight"]), t["w_scale"], t["w_outlier"],
-                   t["w_outlier_scale"].reshape(-1))
+        return cls(*unpack_weight(t))
 
 
 def ieee_div(a: torch.Tensor, b: float) -> torch.Tensor:

@@ -1,35 +1,121 @@
 """Compile and launch the CUDA sources in ``cuda/`` with NVRTC (through CuPy's bindings).
 
-The one module that knows where the sources are. A kernel is named by (file, defines, arch);
-its cubin is compiled once per process and its module loaded once per device. Launches go on
-torch's current stream with tensors passed as raw pointers, so they are CUDA-graph safe once
-compiled. Compiling needs no GPU (the CI uses `compile_cubin` for sm_80/sm_89/sm_90).
+The one module that knows where the sources are (`CUDA_DIR`: ``cuda/`` in a source tree,
+``vllm_atom/_cuda`` in an installed wheel; setup.py maps one to the other). A kernel is named
+by (file, defines, arch). Its cubin is compiled once, then kept on disk (`cache_dir`) under a
+hash of everything that goes into it, so later processes (vLLM workers, TP ranks, restarts)
+load it without compiling; each process also keeps it in memory, and loads its module once
+per device. Launches go on torch's current stream with tensors passed as raw pointers, so they
+are CUDA-graph safe once compiled. Compiling needs no GPU (the CI uses `compile_cubin` for
+sm_80/sm_89/sm_90).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import logging
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from cupy_backends.cuda.libs import nvrtc
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SOURCES = ("act_quant.cu", "w4a4_gemm.cu", "w4a4_sm90.cu", "kv_int4.cu")
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "VLLM_ATOM_KERNEL_CACHE"
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def _find_cuda_dir() -> Path:
+    """``vllm_atom/_cuda`` when installed from a wheel or ``pip install .``, else ``cuda/`` beside
+    the package (source tree: editable install, PYTHONPATH). Paths from this file, not
+    importlib: a PYTHONPATH checkout has no ``vllm_atom._cuda`` package, and setuptools'
+    editable finder would map one to the tree it was installed from."""
+    package = Path(__file__).resolve().parents[1]
+    for d in (package / "_cuda", package.parent / "cuda"):
+        if any(d.glob("*.cu")):
+            return d
+    raise FileNotFoundError(f"no CUDA kernel sources (*.cu) in {package / '_cuda'} or {package.parent / 'cuda'}")
+
+
+CUDA_DIR = _find_cuda_dir()
 
 
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message holds its log."""
 
 
-@functools.cache
-def compile_cubin(file: str, defines: tuple[tuple[str, int], ...], arch: str) -> bytes:
-    """cubin of ``cuda/<file>`` for ``arch`` (e.g. "sm_90a") with ``-D`` defines."""
-    src = (CUDA_DIR / file).read_text()
-    opts = [f"-arch={arch}", "-std=c++17", f"--include-path={CUDA_DIR}", "-lineinfo"]
-    opts += [f"-D{k}={v}" for k, v in defines]
-    prog = nvrtc.createProgram(src, file, (), ())
+def sources() -> list[str]:
+    """The kernel sources, by file name (every ``*.cu`` in `CUDA_DIR`)."""
+    return sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+
+
+def cache_dir() -> Path:
+    """Where cubins are kept: ``$VLLM_ATOM_KERNEL_CACHE``, else ``~/.cache/vllm-atom/kernels``."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/vllm-atom/kernels").expanduser()
+
+
+def _local_headers(file: str) -> list[Path]:
+    """The ``#include "..."`` files of ``file`` found in `CUDA_DIR`, recursively (each once)."""
+    seen: list[Path] = []
+    todo = [CUDA_DIR / file]
+    while todo:
+        for name in _INCLUDE_RE.findall(todo.pop().read_text()):
+            h = CUDA_DIR / name
+            if h.is_file() and h not in seen:
+                seen.append(h)
+                todo.append(h)
+    return sorted(seen)
+
+
+_FLAGS = ("-std=c++17", "-lineinfo")
+
+
+def _cache_path(file: str, defines: tuple[tuple[str, int], ...], arch: str) -> Path:
+    """``<stem>-<arch>-<key>.cubin``; key: sha256 of the source and its local headers (by
+    content, wherever `CUDA_DIR` is), the flags, defines and arch, and the NVRTC version."""
+    h = hashlib.sha256(repr((file, arch, defines, _FLAGS, nvrtc.getVersion())).encode())
+    for path in [CUDA_DIR / file] + _local_headers(file):
+        h.update(str(path.relative_to(CUDA_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return cache_dir() / f"{Path(file).stem}-{arch}-{h.hexdigest()[:32]}.cubin"
+
+
+def _read_cached(path: Path) -> bytes | None:
+    """The cubin stored at ``path`` (sha256 of the cubin, then the cubin), or None if absent or
+    damaged."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest, cubin = data[:32], data[32:]
+    return cubin if cubin and hashlib.sha256(cubin).digest() == digest else None
+
+
+def _write_cached(path: Path, cubin: bytes) -> None:
+    """Atomically: a temp file in the same directory, renamed over ``path``, so concurrent
+    processes read either nothing or a whole file (the last writer wins; all write the same)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            with os.fdopen(fd, "wb") as f:
+                f.write(hashlib.sha256(cubin).digest() + cubin)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        log.warning("vllm-atom: cannot cache kernel %s (%s); set %s to a writable directory", path, e, CACHE_ENV)
+
+
+def _nvrtc_compile(file: str, defines: tuple[tuple[str, int], ...], arch: str) -> bytes:
+    opts = [f"-arch={arch}", *_FLAGS, f"--include-path={CUDA_DIR}"] + [f"-D{k}={v}" for k, v in defines]
+    prog = nvrtc.createProgram((CUDA_DIR / file).read_text(), file, (), ())
     try:
         try:
             nvrtc.compileProgram(prog, tuple(opts))
@@ -38,6 +124,18 @@ def compile_cubin(file: str, defines: tuple[tuple[str, int], ...], arch: str) ->
         return nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@functools.cache
+def compile_cubin(file: str, defines: tuple[tuple[str, int], ...], arch: str) -> bytes:
+    """cubin of ``cuda/<file>`` for ``arch`` (e.g. "sm_90") with ``-D`` defines, from the disk
+    cache when it holds one for exactly these inputs, else compiled and stored there."""
+    path = _cache_path(file, defines, arch)
+    cubin = _read_cached(path)
+    if cubin is None:
+        cubin = _nvrtc_compile(file, defines, arch)
+        _write_cached(path, cubin)
+    return cubin
 
 
 def device_arch(device) -> str:

@@ -22,9 +22,10 @@ import torch
 from vllm_atom import reference
 
 HEAD_DIMS = (64, 128)
+# Passed to cuda/kv_int4.cu as -D defines (`_defines`); the kernels take them from here only.
 TILE = 16  # tokens per attention tile; block_size must be a multiple
 WARPS = 4
-STAGES = 4  # cp.async ring depth per warp (cuda/kv_int4.cu)
+STAGES = 4  # cp.async ring depth per warp
 MAX_SPLITS = 64
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -82,7 +83,8 @@ def cta_slots(head_dim: int, dtype: torch.dtype, device_index: int) -> int:
 def _defines(head_dim: int, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
     if dtype not in _DTYPES:
         raise ValueError(f"INT4 KV cache kernels take bfloat16 or float16, got {dtype}")
-    return (("HEAD_DIM", head_dim), ("DTYPE_BF16", int(dtype == torch.bfloat16)))
+    return (("HEAD_DIM", head_dim), ("DTYPE_BF16", int(dtype == torch.bfloat16)),
+            ("TILE", TILE), ("WARPS", WARPS), ("STAGES", STAGES))
 
 
 def _kernel(name: str, head_dim: int, dtype: torch.dtype, device: torch.device):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_atom.quantize.simulate import run_layer, set_kv_bits
+from vllm_atom.simulate import run_layer, set_kv_bits
 
 # Layers whose KV4 attention error exceeds this keep a 16-bit KV cache under --kv-skip-layers auto.
 DEFAULT_KV_SKIP_THRESHOLD = 0.5

@@ -35,28 +35,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vllm_atom import reference as ref
+from vllm_atom.checkpoint import CheckpointWriter
 from vllm_atom.config import AtomConfig
-from vllm_atom.format import (QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS, check_linear_tensors,
-                              join_shards, linear_layout)
+from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
+                              check_linear_tensors, join_shards, linear_layout)
 from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
-from vllm_atom.quantize.checkpoint import CheckpointWriter
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
-from vllm_atom.quantize.simulate import (ActScheme, SimState, permute_columns, run_layer,
-                                         set_kv_bits, use_sim_attention, wrap_linears)
+from vllm_atom.simulate import (ActScheme, SimState, permute_columns, run_layer, set_kv_bits,
+                                use_sim_attention, wrap_linears)
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# short linear name -> attribute path inside a decoder layer
-LINEAR_PATHS = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
-LAYERS_PREFIX = "model.layers"
 
 
 @dataclass

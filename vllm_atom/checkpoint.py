@@ -4,6 +4,8 @@
 (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
 ``model.safetensors.index.json`` when more than one), then writes config.json with
 ``quantization_config`` and copies the tokenizer and generation files of the source.
+The quantizer writes with it; `is_atom_checkpoint` and `load_checkpoint` read for the
+evaluation and the tests (vLLM reads checkpoints with its own loaders).
 """
 
 from __future__ import annotations
