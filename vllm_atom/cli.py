@@ -130,8 +130,9 @@ def build_parser() -> Parser:
     q = sub.add_parser("quantize", help="quantize a 16-bit causal LM into an Atom checkpoint",
                        description="Quantize a 16-bit Llama / Mistral / Qwen2 model into an Atom "
                                    "checkpoint (calibration, reorder, INT8 outliers, GPTQ, key "
-                                   "smoothing). On a CPU even SmolLM2-135M takes hours with the "
-                                   "defaults; README has a quick CPU recipe (--nsamples 2).")
+                                   "smoothing). On a CPU the defaults (128 x 2048 tokens) take an "
+                                   "hour or more even for SmolLM2-135M; README has a quick CPU "
+                                   "recipe (--nsamples 2).")
     q.add_argument("model_dir", type=existing_dir, help="16-bit HF model directory")
     q.add_argument("out_dir", help="output directory of the Atom checkpoint")
     q.add_argument("--calib-text", required=True, help="file, or wiki|c4|tiny|austen")
