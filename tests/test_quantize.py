@@ -127,7 +127,13 @@ def test_rejects_non_causal_lm(tmp_path):
 
     BertModel(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=128)).save_pretrained(tmp_path / "bert")
-    with pytest.raises(InputError, match="not a causal language model"):
+    with pytest.raises(InputError, match="model_type 'bert'.*supported model types: llama"):
+        quantize(tmp_path / "bert", tmp_path / "o", tmp_path / "x.txt")
+    # a supported model type without a causal LM head
+    cfgj = json.loads((tmp_path / "bert/config.json").read_text())
+    cfgj.update(model_type="llama", architectures=["LlamaModel"])
+    (tmp_path / "bert/config.json").write_text(json.dumps(cfgj))
+    with pytest.raises(InputError, match="no \\*ForCausalLM head"):
         quantize(tmp_path / "bert", tmp_path / "o", tmp_path / "x.txt")
 
 

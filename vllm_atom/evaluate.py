@@ -35,6 +35,7 @@ from vllm_atom.checkpoint import is_atom_checkpoint, load_checkpoint
 from vllm_atom.config import AtomConfig
 from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
                               check_linear_tensors, linear_layout, split_shards)
+from vllm_atom.inputs import InputError, check_supported, read_model_config
 from vllm_atom.simulate import (ActScheme, SimLinear, SimState, fake_quantize_weight, set_kv_bits,
                                 use_sim_attention, wrap_linears)
 
@@ -220,11 +221,27 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
     if pipeline not in ("fp32", "16bit"):
         raise ValueError(f"pipeline must be 'fp32' or '16bit', got {pipeline!r}")
     t0 = time.time()
+    if seqlen < 2 or (max_tokens is not None and max_tokens < 2):
+        raise ValueError(f"--seqlen {seqlen} / --max-tokens {max_tokens}: need at least 2 tokens "
+                         f"(one prediction) per window")
+    check_supported(model_path, read_model_config(model_path))
+    if checkpoint is not None:
+        read_model_config(checkpoint, "checkpoint directory")
+        if not is_atom_checkpoint(checkpoint):
+            raise InputError(f"{checkpoint}: not an Atom checkpoint (config.json has no "
+                             f"quantization_config with quant_method 'atom')")
     ckpt_only = is_atom_checkpoint(model_path)
     if ckpt_only:
         if checkpoint is not None:
             raise ValueError("give either an Atom checkpoint as MODEL or --checkpoint, not both")
         checkpoint = model_path
+    for m in methods or ():  # before the model loads
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m in ("atom", "atom-kv4") and checkpoint is None:
+            raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
+        if m in _RTN_STEPS and checkpoint is None:
+            raise ValueError(f"method {m!r} needs the reorder of an Atom checkpoint (--checkpoint)")
     model, io_dtype = load_model(model_path, device)
     sim = SimModel(model, io_dtype)
     cfg = atom = None

@@ -39,6 +39,7 @@ from vllm_atom.checkpoint import CheckpointWriter
 from vllm_atom.config import AtomConfig
 from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
                               check_linear_tensors, join_shards, linear_layout)
+from vllm_atom.inputs import SUPPORTED_MODEL_TYPES, InputError, check_supported, read_model_config
 from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
@@ -49,7 +50,6 @@ from vllm_atom.simulate import (ActScheme, SimState, permute_columns, run_layer,
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -83,10 +83,6 @@ class QuantizeReport:
     gpu_peak_gib: Optional[float] = None  # torch.cuda.max_memory_allocated on the quantizing GPU
 
 
-class InputError(ValueError):
-    """Bad command input, detected before any long work."""
-
-
 # ---- fail fast ----
 
 def check_model_dir(model_dir, cfg: AtomConfig):
@@ -94,23 +90,19 @@ def check_model_dir(model_dir, cfg: AtomConfig):
     from transformers import AutoConfig
 
     d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise InputError(f"{d}: not a model directory (no config.json)")
+    config = read_model_config(d)  # the directory, config.json, safetensors headers
+    check_supported(d, config)
+    if config.get("quantization_config"):
+        raise InputError(f"{d}: already quantized ({config['quantization_config']}); give the "
+                         f"16-bit model")
     try:
         hf = AutoConfig.from_pretrained(str(d))
     except Exception as e:  # noqa: BLE001 - surface any config problem as bad input
-        raise InputError(f"{d}: cannot read config.json: {e}") from e
-    if getattr(hf, "quantization_config", None):
-        raise InputError(f"{d}: already quantized ({hf.quantization_config}); give the 16-bit model")
-    archs = list(getattr(hf, "architectures", None) or [])
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        raise InputError(f"{d}: not a causal language model (architectures={archs}); "
-                         f"Atom quantizes *ForCausalLM decoders")
-    if hf.model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(f"{d}: architecture {archs[0]} (model_type {hf.model_type!r}) is not "
-                         f"supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if not (list(d.glob("*.safetensors")) or list(d.glob("*.bin"))):
-        raise InputError(f"{d}: no weight files (*.safetensors / *.bin)")
+        raise InputError(f"{d / 'config.json'}: transformers cannot read it: {e}") from e
+    bad = [i for i in cfg.kv_skip_layers if i >= hf.num_hidden_layers]
+    if bad:
+        raise InputError(f"--kv-skip-layers {','.join(map(str, bad))}: {d} has "
+                         f"{hf.num_hidden_layers} layers (0-{hf.num_hidden_layers - 1})")
     hidden, inter = hf.hidden_size, hf.intermediate_size
     head_dim = getattr(hf, "head_dim", None) or hidden // hf.num_attention_heads
     k_of = {"q_proj": hidden, "o_proj": hf.num_attention_heads * head_dim,
@@ -310,12 +302,20 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     cfg = cfg or AtomConfig()
     opts = opts or QuantizeOptions()
     t0 = time.time()
+    for name in ("nsamples", "seqlen"):
+        if getattr(opts, name) < 1:
+            raise InputError(f"--{name} {getattr(opts, name)}: must be >= 1")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {opts.device}: CUDA is not available")
     if opts.kv_skip_threshold is not None and cfg.kv_bits != 4:
         raise InputError("--kv-skip-layers auto picks layers to keep out of an INT4 KV cache; "
                          "it needs --kv-bits 4")
     check_model_dir(model_dir, cfg)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if out.resolve() == Path(model_dir).resolve():
+        raise InputError(f"{out}: the output directory is the model directory; give another one")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     calib = calibration_batches(tok, calib_text, opts.nsamples, opts.seqlen, opts.seed)
 
