@@ -2,7 +2,8 @@
 # One device call for the sm90 GEMM: correctness first (each step under a timeout, so a hung
 # kernel costs its timeout, not the call), then the GEMM benchmark if time is left.
 #     bash tests/gpu/sm90_session.sh [BENCH_ARGS...]      (with .devbundle carried)
-# BUDGET (seconds, default 540) bounds the whole call; SM90_TESTS picks the pytest selection.
+# BUDGET (seconds, default 540) bounds the whole call; SM90_TESTS picks the pytest selection;
+# E2E_K (a pytest -k expression) adds tests/gpu/test_vllm_e2e.py; BENCH=0 skips the benchmark.
 set -uo pipefail
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 t0=$(date +%s); BUDGET=${BUDGET:-540}
@@ -21,4 +22,11 @@ run() {  # run NAME SECONDS CMD...
 run smoke 150 python -m pytest -x -q -p no:cacheprovider tests/gpu/test_sm90.py \
     -k "${SM90_SMOKE:-quantize_act_sm90 or every_cluster_split or fp16_bias}"
 run tests "${TEST_LIMIT:-300}" python -m pytest -q -p no:cacheprovider ${SM90_TESTS:-tests/gpu/test_sm90.py}
-TAIL=60 run bench 600 python examples/benchmarks/bench_gemm.py --out "$OUT" "$@"
+if [ -n "${E2E_K:-}" ]; then  # vLLM with the kernels (tiny real-tokenizer models), a -k selection
+    mkdir -p /tmp/plug/vllm_atom-0.dist-info
+    printf 'Metadata-Version: 2.1\nName: vllm-atom\nVersion: 0\n' > /tmp/plug/vllm_atom-0.dist-info/METADATA
+    printf '[vllm.general_plugins]\natom = vllm_atom.plugin:register\n' > /tmp/plug/vllm_atom-0.dist-info/entry_points.txt
+    PYTHONPATH=$PYTHONPATH:/tmp/plug run e2e "${E2E_LIMIT:-300}" python -m pytest -q -s -p no:cacheprovider \
+        tests/gpu/test_vllm_e2e.py -k "$E2E_K"
+fi
+[ "${BENCH:-1}" = 1 ] && TAIL=60 run bench 600 python examples/benchmarks/bench_gemm.py --out "$OUT" "$@"
