@@ -3,7 +3,8 @@
 # Atom W4A4 (--load-format dummy fills valid random quantized weights) against BF16 and
 # FP8 W8A8 in the same run, and Atom with its INT4 KV cache (or FP8 KV) against Atom with BF16 KV.
 # Usage: bash examples/benchmarks/bench_vllm.sh OUT_DIR [TOKENIZER_DIR]
-#   CONFIGS=bf16,fp8,atom,atom-kv4,atom-fp8kv (default: all)   LATENCY=0 skips `vllm bench latency`
+#   CONFIGS=bf16,fp8,atom,atom-kv4,atom-fp8kv (default: all)   LATENCY=0 skips `vllm bench latency`,
+#   THROUGHPUT=0 skips `vllm bench throughput`
 # Writes OUT_DIR/vllm-{throughput,latency}-CONFIG.json and prints one line each (with the KV
 # cache size vLLM reported).
 set -uo pipefail
@@ -32,7 +33,7 @@ make_model /tmp/llama2-7b-atom 1
 common=(--load-format dummy --dtype bfloat16 --max-model-len 2048 --gpu-memory-utilization "$UTIL")
 run() {  # run NAME MODEL [extra args]
     local name=$1 model=$2; shift 2
-    vllm bench throughput --model "$model" "${common[@]}" "$@" --dataset-name random \
+    [ "${THROUGHPUT:-1}" = 1 ] && vllm bench throughput --model "$model" "${common[@]}" "$@" --dataset-name random \
         --random-input-len "$IN" --random-output-len "$OUTLEN" --num-prompts "$NPROMPTS" \
         --output-json "$OUT/vllm-throughput-$name.json" > "$OUT/vllm-throughput-$name.log" 2>&1
     [ "$LATENCY" = 1 ] && vllm bench latency --model "$model" "${common[@]}" "$@" --input-len 128 \

@@ -20,7 +20,7 @@ for step in "fp8 1" "atom-kv4 1" "fp8 0" "atom-kv4 0"; do
     if [ "$2" = 1 ]; then tag=lat; else tag=tp; fi
     # latency only (NPROMPTS tiny) or throughput only (LATENCY=0)
     if [ "$2" = 1 ]; then
-        CONFIGS=$1 LATENCY=1 NPROMPTS=8 timeout "$l" bash examples/benchmarks/bench_vllm.sh "$OUT/$tag" > "$OUT/$tag-$1.txt" 2>&1
+        CONFIGS=$1 LATENCY=1 THROUGHPUT=0 timeout "$l" bash examples/benchmarks/bench_vllm.sh "$OUT/$tag" > "$OUT/$tag-$1.txt" 2>&1
     else
         CONFIGS=$1 LATENCY=0 timeout "$l" bash examples/benchmarks/bench_vllm.sh "$OUT/$tag" > "$OUT/$tag-$1.txt" 2>&1
     fi
