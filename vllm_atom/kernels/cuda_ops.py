@@ -2,7 +2,9 @@
 
 Every wrapper validates its inputs, allocates outputs with ``torch.empty`` and launches on
 torch's current stream, so the ops can be captured in CUDA graphs once `prepare` (or a first
-call) has compiled the kernels. Imported by `vllm_atom.kernels.ops` only when CUDA is available.
+call) has compiled the kernels. The public functions have the signatures of the ops of the same
+name; `vllm_atom.kernels.ops` registers them as the ops' CUDA kernels (imports run ops ->
+cuda_ops, never back).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from vllm_atom.kernels import _loader, layout, ops
+from vllm_atom.kernels import _loader, layout
 from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, Sm90Config, gemm_plan, sm90_configs,
                                          sm90_plan, sm90_stages)
 
@@ -98,13 +100,11 @@ def _act_defines(dtype: torch.dtype, sm90: bool) -> tuple[tuple[str, int], ...]:
     return _dtype_define(dtype) + ((("SM90_LAYOUT", 1),) if sm90 else ())
 
 
-@ops.quantize_act.register_kernel("cuda")
-def _(x, reorder_index, n_outliers, a_clip, sm90=False):
+def quantize_act(x, reorder_index, n_outliers, a_clip, sm90=False):
     return _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip, sm90=sm90)
 
 
-@ops.rmsnorm_quantize_act.register_kernel("cuda")
-def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
+def rmsnorm_quantize_act(x, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
     k = x.shape[-1]
     if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"rmsnorm_quantize_act: norm_weight must be {x.dtype} [{k}]")
@@ -112,8 +112,7 @@ def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
                      (_aligned(norm_weight).data_ptr(), np.float32(eps)), sm90=sm90)
 
 
-@ops.silu_mul_quantize_act.register_kernel("cuda")
-def _(x, reorder_index, n_outliers, a_clip, sm90=False):
+def silu_mul_quantize_act(x, reorder_index, n_outliers, a_clip, sm90=False):
     return _quantize("silu_mul_act_quant", x, x.shape[-1] // 2, reorder_index, n_outliers, a_clip, sm90=sm90)
 
 
@@ -175,13 +174,11 @@ def _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype)
     return out
 
 
-@ops.w4a4_gemm.register_kernel("cuda")
-def _(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
+def w4a4_gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
     return _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype)
 
 
-@ops.atom_linear.register_kernel("cuda")
-def _(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip):
+def atom_linear(x, qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, bias, a_clip):
     o = w_outlier.shape[1]
     qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, o, a_clip)
     return _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, x.dtype)
@@ -259,13 +256,11 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     return out
 
 
-@ops.w4a4_gemm_sm90.register_kernel("cuda")
-def _(qa, sa, wpack, bias, n, out_dtype):
+def w4a4_gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     return _gemm_sm90(qa, sa, wpack, bias, n, out_dtype)
 
 
-@ops.atom_linear_sm90.register_kernel("cuda")
-def _(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
+def atom_linear_sm90(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
     qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip, sm90=True)
     return _gemm_sm90(qa, sa, wpack, bias, n, x.dtype)
 

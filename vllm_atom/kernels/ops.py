@@ -1,7 +1,8 @@
 """Torch custom ops of vllm_atom (namespace ``vllm_atom``), the only entry points the
 model code calls. Each op has a fake implementation (shapes only) for torch.compile, a
-CPU implementation that is the pure-torch reference, and a CUDA implementation
-registered by `vllm_atom.kernels.cuda_ops` (CuPy RawKernels).
+CPU implementation that is the pure-torch reference, and a CUDA implementation, the function
+of the same name in `vllm_atom.kernels.cuda_ops` (CuPy RawKernels), registered at the end of
+this module.
 """
 
 from __future__ import annotations
@@ -217,4 +218,10 @@ def prepare_atom_linear(qweight: torch.Tensor, w_scale: torch.Tensor, w_outlier:
 
 
 if torch.cuda.is_available():
-    from vllm_atom.kernels import cuda_ops  # noqa: E402,F401  (registers the CUDA kernels)
+    from vllm_atom.kernels import cuda_ops  # noqa: E402
+
+    for _op, _kernel in ((atom_linear, cuda_ops.atom_linear), (quantize_act, cuda_ops.quantize_act),
+                         (rmsnorm_quantize_act, cuda_ops.rmsnorm_quantize_act),
+                         (silu_mul_quantize_act, cuda_ops.silu_mul_quantize_act), (w4a4_gemm, cuda_ops.w4a4_gemm),
+                         (w4a4_gemm_sm90, cuda_ops.w4a4_gemm_sm90), (atom_linear_sm90, cuda_ops.atom_linear_sm90)):
+        _op.register_kernel("cuda")(_kernel)
