@@ -236,26 +236,31 @@ def test_w4a4_gemm_fp16(m):
                                      (300, "smollm2-gate_up")])
 def test_cuda_graph_replay(m, shape):
     n, k = SHAPES[shape]
-    o = outliers(k)
     x, idx = make_input(m, k)
     p = make_weight(n, k, idx).packed()
     args = (p["qweight"], p["w_scale"], p["w_outlier"], p["w_outlier_scale"], idx, None, CFG.a_clip)
     ops.prepare_atom_linear(*args[:5], x.dtype)
+    check_graph_replay(lambda x: torch.ops.vllm_atom.atom_linear(x, *args), x, lambda: make_input(m, k)[0])
+
+
+def check_graph_replay(fn, x, new_input) -> None:
+    """fn captured in a CUDA graph on a static copy of x gives, on replay over fresh inputs, what
+    an eager call gives."""
     static_x = x.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        torch.ops.vllm_atom.atom_linear(static_x, *args)
+        fn(static_x)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_y = torch.ops.vllm_atom.atom_linear(static_x, *args)
+        static_y = fn(static_x)
     for _ in range(3):
-        x2, _ = make_input(m, k)
+        x2 = new_input()
         static_x.copy_(x2)
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_y, torch.ops.vllm_atom.atom_linear(x2, *args))
+        assert torch.equal(static_y, fn(x2))
 
 
 def test_torch_compile_fullgraph():

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_kernels import CFG, DEV, SHAPES, check_gemm, make_input, make_weight, outliers, poison, ref_quantize
+from test_kernels import (CFG, DEV, SHAPES, check_gemm, check_graph_replay, make_input, make_weight, outliers, poison,
+                          ref_quantize)
 from vllm_atom.kernels import gemm_plan, layout, ops
 
 pytestmark = [pytest.mark.gpu,
@@ -117,21 +118,7 @@ def test_cuda_graph_replay_sm90(m, shape):
     wpack = prepacked(make_weight(n, k, idx))
     args = (wpack, idx, None, n, o, CFG.a_clip)
     ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        torch.ops.vllm_atom.atom_linear_sm90(static_x, *args)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = torch.ops.vllm_atom.atom_linear_sm90(static_x, *args)
-    for _ in range(3):
-        x2, _ = make_input(m, k)
-        static_x.copy_(x2)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_y, torch.ops.vllm_atom.atom_linear_sm90(x2, *args))
+    check_graph_replay(lambda x: torch.ops.vllm_atom.atom_linear_sm90(x, *args), x, lambda: make_input(m, k)[0])
 
 
 def test_torch_compile_fullgraph_sm90():

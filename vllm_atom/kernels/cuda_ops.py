@@ -142,6 +142,15 @@ def _gemm_defines(cfg: str, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
     return tuple(zip(names, GEMM_CONFIGS[cfg])) + _dtype_define(dtype)
 
 
+def _bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """bias as a contiguous [N] tensor of the output dtype (or None)."""
+    if bias is None:
+        return None
+    if bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    return bias.to(dtype).contiguous()
+
+
 def _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype):
     n, kn, o = _check_weights(qweight, w_scale, w_outlier, w_outlier_scale)
     _, ka, steps = layout.sizes(kn + o, o)
@@ -152,12 +161,9 @@ def _gemm(qa, sa, qweight, w_scale, w_outlier, w_outlier_scale, bias, out_dtype)
     dev = qa.device.index
     sms = _check_device(dev)
     out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    bias = _bias(bias, n, out_dtype)
     if m == 0:
         return out
-    if bias is not None:
-        bias = bias.to(out_dtype).contiguous()
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
     cfg, splits, per_split = gemm_plan(m, n, kn // layout.GROUP, sms)
     bm, bn, wm, wn, stages, _ = GEMM_CONFIGS[cfg]
     tiles_m, tiles_n = math.ceil(m / bm), math.ceil(n / bn)
@@ -239,12 +245,9 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     sms = _check_device(dev)
     _check_sm90(dev)
     out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    bias = _bias(bias, n, out_dtype)
     if m == 0:
         return out
-    if bias is not None:
-        bias = bias.to(out_dtype).contiguous()
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
     k = layout.GROUP * steps
     cfg, per_split = sm90_plan(m, n, k, steps, sms, _cluster_slots(dev))
     tiles_m, tiles_n = math.ceil(m / cfg.bn), wpack.shape[0] * layout.SLAB_ROWS // cfg.rows

@@ -100,8 +100,8 @@ def sm90_stages(bn: int, wgc: int = 2) -> int:
 
 # Measured best (wgc, cluster split) for (M bucket = wgmma N, N, K) on an H200: the fastest row of
 # `examples/benchmarks/bench_gemm.py --sweep-splits` (commit a2429ae, results/gemm-sweep-h200.json;
-# the kernel of widths <= 64 is unchanged since). Llama-2-7B / Llama-3-8B / Llama-2-70B layers at
-# TP=1; other shapes and widths use the model below.
+# widths 8-32 ran the shipped kernel, width 64 a since-reverted variant). Llama-2-7B / Llama-3-8B
+# / Llama-2-70B layers at TP=1; other shapes and widths use the model below.
 SM90_TUNED: dict[tuple[int, int, int], tuple[int, int]] = {  # (bn, N, K): (wgc, cs)
     (8, 4096, 4096): (1, 2), (8, 4096, 11008): (1, 2), (8, 4096, 14336): (1, 2), (8, 6144, 4096): (2, 2),
     (8, 8192, 8192): (2, 2), (8, 8192, 28672): (2, 2), (8, 10240, 8192): (2, 1), (8, 12288, 4096): (2, 1),

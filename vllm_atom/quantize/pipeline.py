@@ -39,7 +39,7 @@ from vllm_atom.checkpoint import CheckpointWriter
 from vllm_atom.config import AtomConfig
 from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
                               check_linear_tensors, join_shards, linear_layout)
-from vllm_atom.inputs import SUPPORTED_MODEL_TYPES, InputError, check_supported, read_model_config
+from vllm_atom.inputs import InputError, check_supported, read_model_config
 from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
