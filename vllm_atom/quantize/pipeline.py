@@ -2,17 +2,21 @@
 
 Read in order: `check_model_dir` and `calibration_batches` fail fast on bad input;
 `quantize` loads the model on CPU, captures the inputs of decoder layer 0, then for each
-decoder layer (copied to ``device`` in fp32, one at a time) runs `quantize_layer`:
+decoder layer (copied to ``device`` in fp32, one at a time) runs `quantize_layer`, one
+function per phase:
 
-1. pass 1, unquantized layer: per-channel salience of each linear input (`calibration`)
-   and the key channel-pair maxima, then the key smoothing folded into q/k (`smooth`);
-   with INT4 KV, the attention output error it causes (`kv_sensitivity`), which keeps the
-   layer's KV 16-bit if over ``kv_skip_threshold`` (``--kv-skip-layers auto``);
-2. reorder: one index per input (q/k/v share one, gate/up share one), outliers last;
-3. pass 2, quantized activations (and INT4 KV if configured), unquantized weights:
-   one GPTQ Hessian per input, for all 7 linears in the same pass;
-4. GPTQ (or RTN) per linear and shard -> checkpoint tensors (`vllm_atom.format`);
-5. pass 3, fully quantized layer: its outputs are the next layer's inputs.
+1. pass 1, unquantized layer (`calibrate`): per-channel salience of each linear input
+   (`calibration`) and the key channel-pair maxima, then the key smoothing folded into q/k
+   (`smooth`); with INT4 KV, the attention output error it causes (`choose_kv_bits`,
+   `kv_sensitivity`), which keeps the layer's KV 16-bit if over ``kv_skip_threshold``
+   (``--kv-skip-layers auto``);
+2. `reorder`: one index per input (q/k/v share one, gate/up share one), outliers last;
+3. pass 2, quantized activations (and INT4 KV if configured), unquantized weights
+   (`gptq_hessians`): one GPTQ Hessian per input, for all 7 linears in the same pass;
+4. GPTQ (or RTN) per linear and shard -> checkpoint tensors (`quantize_linears`,
+   `vllm_atom.format`);
+5. pass 3, fully quantized layer (`quantized_outputs`): its outputs are the next layer's
+   inputs.
 
 Embeddings, norms, lm_head and biases are written unquantized, in the model dtype (q/k
 biases after the key smoothing).
@@ -45,8 +49,8 @@ from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
-from vllm_atom.simulate import (ActScheme, SimState, permute_columns, run_layer, set_kv_bits,
-                                use_sim_attention, wrap_linears)
+from vllm_atom.simulate import (ActScheme, SimLinear, SimState, permute_columns, run_layer,
+                                set_kv_bits, use_sim_attention, wrap_linears)
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +200,27 @@ class LayerResult:
     kv4_error: Optional[float] = None  # `kv4_attention_error`, when kv_bits was 4 on entry
 
 
-def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: AtomConfig,
-                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str,
-                   kv_bits: Optional[int]) -> LayerResult:
-    """Quantize one decoder layer with KV cache bits ``kv_bits`` (None: 16-bit), or 16-bit KV
-    if ``opts.kv_skip_threshold`` says INT4 hurts this layer too much."""
-    dev = torch.device(opts.device)
-    layer = copy.deepcopy(layer_cpu).to(dev, torch.float32)
-    sims = wrap_linears(layer, [LINEAR_PATHS[m] for m in QUANTIZED_LINEARS], io_dtype)
-    lin = {m: sims[LINEAR_PATHS[m]] for m in QUANTIZED_LINEARS}
-    attn = [layer.self_attn]
-    groups = input_groups()
+# the phases of `quantize_layer`, in order (``lin``: the layer's SimLinears by short name)
 
-    # 1. salience of each input, unquantized layer; key pair maxima for the key smoothing
+def layer_on_device(layer_cpu: nn.Module, device: torch.device,
+                    io_dtype: torch.dtype) -> tuple[nn.Module, dict[str, SimLinear]]:
+    """A copy of the decoder layer in fp32 on ``device`` with its 7 linears wrapped as
+    `SimLinear`s (unquantized), and those linears by short name."""
+    layer = copy.deepcopy(layer_cpu).to(device, torch.float32)
+    sims = wrap_linears(layer, [LINEAR_PATHS[m] for m in QUANTIZED_LINEARS], io_dtype)
+    return layer, {m: sims[LINEAR_PATHS[m]] for m in QUANTIZED_LINEARS}
+
+
+def calibrate(layer: nn.Module, lin: dict[str, SimLinear], inps: torch.Tensor, kwargs: dict,
+              cfg: AtomConfig, opts: QuantizeOptions, io_dtype: torch.dtype) -> dict[str, ChannelStats]:
+    """Phase 1, unquantized layer with 16-bit KV: the salience of each input, by input group
+    (`ChannelStats.value`: float64 [K]); with ``cfg.kv_smooth``, also the key channel-pair
+    maxima, whose smoothing is folded into q/k (their biases rounded to the model dtype).
+
+    inps: [n, seqlen, hidden] layer inputs in io_dtype; kwargs: the layer's other arguments.
+    """
+    dev = torch.device(opts.device)
+    groups = input_groups()
     stats = {g: ChannelStats(lin[g].in_features, opts.metric, dev) for g in groups}
     for g in groups:
         lin[g].observer = stats[g].add
@@ -217,7 +229,7 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
         d = layer.self_attn.head_dim
         keys = KeyPairMax(lin["k_proj"].out_features // d, d, dev)
         hook = lin["k_proj"].register_forward_hook(lambda mod, inp, out: keys.add(out))
-    set_kv_bits(attn, None, io_dtype)
+    set_kv_bits([layer.self_attn], None, io_dtype)
     run_layer(layer, inps, kwargs, keep=False)
     if keys is not None:
         hook.remove()
@@ -227,56 +239,99 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
                 lin[m].bias.data = lin[m].bias.data.to(io_dtype).float()
     for g in groups:
         lin[g].observer = None  # the salience is complete
-    kv4_error = None
-    if kv_bits == 4:
-        kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype)
-        if opts.kv_skip_threshold is not None and kv4_error > opts.kv_skip_threshold:
-            log.info("%s: INT4 KV attention error %.3f > %.3f, KV cache kept 16-bit", prefix,
-                     kv4_error, opts.kv_skip_threshold)
-            kv_bits = None
+    return stats
 
-    # 2. reorder: outliers last, one index per input
+
+def choose_kv_bits(layer: nn.Module, inps: torch.Tensor, kwargs: dict, opts: QuantizeOptions,
+              io_dtype: torch.dtype, prefix: str,
+              kv_bits: Optional[int]) -> tuple[Optional[int], Optional[float]]:
+    """Phase 1, with INT4 KV: (the KV bits to use, `kv4_attention_error`). The bits become
+    None (16-bit) if the error is over ``opts.kv_skip_threshold``; the error is None unless
+    ``kv_bits`` is 4.
+
+    layer: after `calibrate` (smoothed, unquantized); inps: [n, seqlen, hidden] in io_dtype.
+    """
+    if kv_bits != 4:
+        return kv_bits, None
+    kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype)
+    if opts.kv_skip_threshold is not None and kv4_error > opts.kv_skip_threshold:
+        log.info("%s: INT4 KV attention error %.3f > %.3f, KV cache kept 16-bit", prefix,
+                 kv4_error, opts.kv_skip_threshold)
+        kv_bits = None
+    return kv_bits, kv4_error
+
+
+def reorder(lin: dict[str, SimLinear], stats: dict[str, ChannelStats], cfg: AtomConfig,
+            device: torch.device) -> dict[str, ActScheme]:
+    """Phase 2: one `ActScheme` per input group, shared by its members and keyed by linear;
+    its index (int64 [K], shard-local, on ``device``) puts each shard's outliers last."""
     scheme = {}
-    for g, members in groups.items():
+    for g, members in input_groups().items():
         k = lin[g].in_features
         shards = cfg.row_shards if g in ROW_PARALLEL_LINEARS else 1
-        idx = reorder_index(stats[g].value, shards).to(dev, torch.long)
+        idx = reorder_index(stats[g].value, shards).to(device, torch.long)
         s = ActScheme(idx, shards, cfg.outliers_for(k // shards), cfg.group_size, cfg.a_clip, "int8")
         for m in members:
             scheme[m] = s
+    return scheme
 
-    # 3. GPTQ Hessians of the activations each linear actually sees (all 7 in one pass)
+
+def gptq_hessians(layer: nn.Module, lin: dict[str, SimLinear], scheme: dict[str, ActScheme],
+                  inps: torch.Tensor, kwargs: dict, kv_bits: Optional[int], io_dtype: torch.dtype,
+                  device: torch.device) -> dict[str, HessianAccumulator]:
+    """Phase 3: the GPTQ Hessian (``.h``: fp32 [K, K], slot order) of the activations each
+    input group actually sees, quantized by ``scheme`` with ``kv_bits`` KV and unquantized
+    weights, all 7 linears in one pass over inps ([n, seqlen, hidden], io_dtype)."""
+    groups = input_groups()
     hess = {}
-    if opts.gptq:
-        for g in groups:
-            hess[g] = HessianAccumulator(lin[g].in_features, dev)
-            lin[g].observer = hess[g].add
-        for m in QUANTIZED_LINEARS:
-            lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
-        set_kv_bits(attn, kv_bits, io_dtype)
-        run_layer(layer, inps, kwargs, keep=False)
+    for g in groups:
+        hess[g] = HessianAccumulator(lin[g].in_features, device)
+        lin[g].observer = hess[g].add
+    for m in QUANTIZED_LINEARS:
+        lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
+    set_kv_bits([layer.self_attn], kv_bits, io_dtype)
+    run_layer(layer, inps, kwargs, keep=False)
     for g in groups:
         lin[g].observer = None
+    return hess
 
-    # 4. quantize weights, shard by shard
+
+def quantize_shards(w: torch.Tensor, h: Optional[torch.Tensor], s: ActScheme, cfg: AtomConfig,
+                    opts: QuantizeOptions, prefix: str, m: str, notes: list) -> list[ref.QuantizedWeight]:
+    """Phase 4 for linear ``m`` of layer ``prefix``: GPTQ with Hessian h (fp32 [K, K], slot
+    order), or RTN where h is None, of each row shard of w (fp32 [N, K], slot order). GPTQ
+    falls back to RTN where it must; why is logged and appended to ``notes``."""
+    shard_q = []
+    for si, sl in s.shard_slices(w.shape[1]):
+        if h is not None:
+            res = gptq_quantize(w[:, sl], h[sl, sl], s.n_outliers, cfg.group_size,
+                                cfg.w_clip, opts.damp, opts.block_size)
+            if res.fallback:
+                notes.append(f"{prefix}.{m} shard {si}: {res.fallback}")
+                log.warning("%s.%s shard %d: %s", prefix, m, si, res.fallback)
+            shard_q.append(res.weight)
+        else:
+            shard_q.append(rtn_quantize(w[:, sl], s.n_outliers, cfg.group_size, cfg.w_clip))
+    return shard_q
+
+
+def quantize_linears(lin: dict[str, SimLinear], scheme: dict[str, ActScheme],
+                     hess: dict[str, HessianAccumulator], cfg: AtomConfig, opts: QuantizeOptions,
+                     io_dtype: torch.dtype, prefix: str) -> tuple[dict, list]:
+    """Phase 4: quantize every linear's weights shard by shard (GPTQ with ``hess``, or RTN
+    without ``opts.gptq``); (their checkpoint tensors on CPU by full name, GPTQ fallbacks).
+
+    Each linear's state becomes its dequantized weights (fp32 [N, K], slot order), so the
+    layer runs fully quantized afterwards.
+    """
     tensors, notes = {}, []
-    for g, members in groups.items():
+    for g, members in input_groups().items():
         h = hess[g].h if opts.gptq else None
         for m in members:
             s = scheme[m]
             w = permute_columns(lin[m].weight.float(), s)
-            shard_q = []
-            for si, sl in s.shard_slices(w.shape[1]):
-                if opts.gptq:
-                    res = gptq_quantize(w[:, sl], h[sl, sl], s.n_outliers, cfg.group_size,
-                                        cfg.w_clip, opts.damp, opts.block_size)
-                    if res.fallback:
-                        notes.append(f"{prefix}.{m} shard {si}: {res.fallback}")
-                        log.warning("%s.%s shard %d: %s", prefix, m, si, res.fallback)
-                    shard_q.append(res.weight)
-                else:
-                    shard_q.append(rtn_quantize(w[:, sl], s.n_outliers, cfg.group_size, cfg.w_clip))
             name = f"{prefix}.{LINEAR_PATHS[m]}"
+            shard_q = quantize_shards(w, h, s, cfg, opts, prefix, m, notes)
             for key, t in join_shards([q.packed() for q in shard_q]).items():
                 tensors[f"{name}.{key}"] = t.cpu()
             tensors[f"{name}.reorder_index"] = s.index.to(torch.int32).cpu()
@@ -284,24 +339,42 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
                 tensors[f"{name}.bias"] = lin[m].bias.detach().to(io_dtype).cpu()
             check_linear_tensors(name, tensors, linear_layout(w.shape[1], w.shape[0], cfg, s.shards))
             lin[m].state = SimState(s, torch.cat([ref.dequantize_weight(q) for q in shard_q], 1))
+    return tensors, notes
 
-    # 5. the quantized layer's outputs feed the next layer
-    set_kv_bits(attn, kv_bits, io_dtype)
-    outs = run_layer(layer, inps, kwargs, keep=True)
+
+def quantized_outputs(layer: nn.Module, inps: torch.Tensor, kwargs: dict, kv_bits: Optional[int],
+                      io_dtype: torch.dtype) -> torch.Tensor:
+    """Phase 5: the fully quantized layer's outputs ([n, seqlen, hidden] in inps' dtype),
+    with ``kv_bits`` KV: the next layer's inputs."""
+    set_kv_bits([layer.self_attn], kv_bits, io_dtype)
+    return run_layer(layer, inps, kwargs, keep=True)
+
+
+def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: AtomConfig,
+                   opts: QuantizeOptions, io_dtype: torch.dtype, prefix: str,
+                   kv_bits: Optional[int]) -> LayerResult:
+    """Quantize one decoder layer with KV cache bits ``kv_bits`` (None: 16-bit), or 16-bit KV
+    if ``opts.kv_skip_threshold`` says INT4 hurts this layer too much.
+
+    inps: [n, seqlen, hidden] layer inputs in io_dtype, on ``opts.device``; the layer itself
+    (on CPU) is left as it is.
+    """
+    dev = torch.device(opts.device)
+    layer, lin = layer_on_device(layer_cpu, dev, io_dtype)
+    stats = calibrate(layer, lin, inps, kwargs, cfg, opts, io_dtype)
+    kv_bits, kv4_error = choose_kv_bits(layer, inps, kwargs, opts, io_dtype, prefix, kv_bits)
+    scheme = reorder(lin, stats, cfg, dev)
+    hess = gptq_hessians(layer, lin, scheme, inps, kwargs, kv_bits, io_dtype, dev) if opts.gptq else {}
+    tensors, notes = quantize_linears(lin, scheme, hess, cfg, opts, io_dtype, prefix)
+    outs = quantized_outputs(layer, inps, kwargs, kv_bits, io_dtype)
     del layer
     return LayerResult(tensors, outs, notes, kv_bits, kv4_error)
 
 
 # ---- the whole model ----
 
-def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
-             opts: Optional[QuantizeOptions] = None, progress: bool = True) -> QuantizeReport:
-    """Quantize the 16-bit causal LM in ``model_dir`` into an Atom checkpoint in ``out_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cfg = cfg or AtomConfig()
-    opts = opts or QuantizeOptions()
-    t0 = time.time()
+def check_quantize_inputs(model_dir, out_dir, cfg: AtomConfig, opts: QuantizeOptions) -> None:
+    """InputError, before anything loads, if the options, the model or ``out_dir`` will not do."""
     for name in ("nsamples", "seqlen"):
         if getattr(opts, name) < 1:
             raise InputError(f"--{name} {getattr(opts, name)}: must be >= 1")
@@ -316,14 +389,11 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
         raise InputError(f"{out}: exists and is not a directory")
     if out.resolve() == Path(model_dir).resolve():
         raise InputError(f"{out}: the output directory is the model directory; give another one")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    calib = calibration_batches(tok, calib_text, opts.nsamples, opts.seqlen, opts.seed)
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
-    io_dtype = next(model.parameters()).dtype
-    use_sim_attention(model)
-    writer = CheckpointWriter(out_dir, opts.max_shard_bytes)
-    # unquantized tensors first: embeddings, norms, lm_head, biases
+
+def write_unquantized(model, writer: CheckpointWriter) -> None:
+    """Add the tensors written as they are (model dtype) to ``writer``: embeddings, norms,
+    lm_head (unless tied), and whatever else is not a quantized linear's weight or bias."""
     quantized = {f"{LAYERS_PREFIX}.{i}.{LINEAR_PATHS[m]}.{p}"  # written by quantize_layer
                  for i in range(len(model.model.layers)) for m in QUANTIZED_LINEARS for p in ("weight", "bias")}
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -331,9 +401,15 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
         if name not in quantized and not (tied and name == "lm_head.weight"):
             writer.add(name, t)
 
-    inps, kwargs = capture_layer_inputs(model, calib, torch.device(opts.device), io_dtype)
-    report = QuantizeReport(out_dir=str(out_dir), calib_tokens=calib.numel())
-    layers = model.model.layers
+
+def quantize_layers(layers: nn.ModuleList, inps: torch.Tensor, kwargs: dict, cfg: AtomConfig,
+                    opts: QuantizeOptions, io_dtype: torch.dtype, writer: CheckpointWriter,
+                    report: QuantizeReport, progress: bool) -> tuple[int, ...]:
+    """`quantize_layer` on each decoder layer in turn, each one's outputs the next one's inputs
+    (inps: [n, seqlen, hidden] in io_dtype, on ``opts.device``); writes their tensors, adds
+    their fallbacks and KV errors to ``report`` and frees each 16-bit layer once done.
+    Returns the layers whose KV cache stays 16-bit (``cfg.kv_skip_layers`` and those picked
+    by ``opts.kv_skip_threshold``), sorted."""
     bar = tqdm(range(len(layers)), desc="atom quantize", unit="layer", disable=not progress)
     skip = set(cfg.kv_skip_layers)
     for i in bar:
@@ -346,7 +422,32 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
         if cfg.kv_bits == 4 and res.kv_bits is None:
             skip.add(i)
         layers[i] = nn.Identity()  # free the 16-bit layer
-    cfg = dataclasses.replace(cfg, kv_skip_layers=tuple(sorted(skip)))
+    return tuple(sorted(skip))
+
+
+def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
+             opts: Optional[QuantizeOptions] = None, progress: bool = True) -> QuantizeReport:
+    """Quantize the 16-bit causal LM in ``model_dir`` into an Atom checkpoint in ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = cfg or AtomConfig()
+    opts = opts or QuantizeOptions()
+    t0 = time.time()
+    check_quantize_inputs(model_dir, out_dir, cfg, opts)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    calib = calibration_batches(tok, calib_text, opts.nsamples, opts.seqlen, opts.seed)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
+    io_dtype = next(model.parameters()).dtype
+    use_sim_attention(model)
+    writer = CheckpointWriter(out_dir, opts.max_shard_bytes)
+    write_unquantized(model, writer)  # first: embeddings, norms, lm_head
+
+    inps, kwargs = capture_layer_inputs(model, calib, torch.device(opts.device), io_dtype)
+    report = QuantizeReport(out_dir=str(out_dir), calib_tokens=calib.numel())
+    layers = model.model.layers
+    skip = quantize_layers(layers, inps, kwargs, cfg, opts, io_dtype, writer, report, progress)
+    cfg = dataclasses.replace(cfg, kv_skip_layers=skip)
     report.kv_skip_layers = list(cfg.kv_skip_layers)
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
     writer.finish(hf_config, cfg, source_dir=model_dir)
