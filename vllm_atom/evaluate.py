@@ -196,6 +196,147 @@ def ladder_states(sim: SimModel, method: str, atom_states: Optional[list], cfg: 
     return states
 
 
+def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[int],
+                      methods: Optional[Sequence[str]], pipeline: str) -> tuple:
+    """Fail before the model loads: ValueError / InputError on bad arguments or directories.
+
+    Returns (the Atom checkpoint to read, or None; whether ``model_path`` is that checkpoint).
+    """
+    if pipeline not in ("fp32", "16bit"):
+        raise ValueError(f"pipeline must be 'fp32' or '16bit', got {pipeline!r}")
+    if seqlen < 2 or (max_tokens is not None and max_tokens < 2):
+        raise ValueError(f"--seqlen {seqlen} / --max-tokens {max_tokens}: need at least 2 tokens "
+                         f"(one prediction) per window")
+    check_supported(model_path, read_model_config(model_path))
+    if checkpoint is not None:
+        read_model_config(checkpoint, "checkpoint directory")
+        if not is_atom_checkpoint(checkpoint):
+            raise InputError(f"{checkpoint}: not an Atom checkpoint (config.json has no "
+                             f"quantization_config with quant_method 'atom')")
+    ckpt_only = is_atom_checkpoint(model_path)
+    if ckpt_only:
+        if checkpoint is not None:
+            raise ValueError("give either an Atom checkpoint as MODEL or --checkpoint, not both")
+        checkpoint = model_path
+    for m in methods or ():
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m in ("atom", "atom-kv4") and checkpoint is None:
+            raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
+        if m in _RTN_STEPS and checkpoint is None:
+            raise ValueError(f"method {m!r} needs the reorder of an Atom checkpoint (--checkpoint)")
+    return checkpoint, ckpt_only
+
+
+def choose_methods(methods: Optional[Sequence[str]], ckpt_only: bool, cfg: Optional[AtomConfig],
+                   atom: Optional[list]) -> list[str]:
+    """``methods``, or by default every method the inputs allow; ValueError for one they do not.
+
+    cfg, atom: the checkpoint's config and `checkpoint_states` (None without a checkpoint).
+    """
+    if methods is None:
+        if ckpt_only:
+            methods = ["atom-kv4" if cfg.kv_bits == 4 else "atom"]
+        else:
+            methods = ["fp16", "rtn"] + ([m for m in METHODS[2:]] if atom is not None else [])
+    methods = list(methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if ckpt_only and m not in ("atom", "atom-kv4"):
+            raise ValueError(f"method {m!r} needs the 16-bit model; give it as MODEL and the "
+                             f"checkpoint as --checkpoint")
+        if m in ("atom", "atom-kv4") and atom is None:
+            raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
+    return methods
+
+
+def add_methods(sim: SimModel, methods: Sequence[str], ckpt_only: bool, cfg: Optional[AtomConfig],
+                atom: Optional[list]) -> None:
+    """Give ``sim`` the states of each method (``fp16`` as well, the reference for KL and
+    top-1, unless the model is a checkpoint)."""
+    if not ckpt_only:
+        sim.add_method("fp16", None)
+    for m in methods:
+        if m == "atom":
+            sim.add_method(m, atom)
+        elif m == "atom-kv4":
+            sim.add_method(m, atom, 4, cfg.kv_skip_layers)
+        elif m != "fp16":
+            sim.add_method(m, ladder_states(sim, m, atom, cfg))
+
+
+def next_token_logp(sim: SimModel, method: str, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 [seqlen - 1, vocab] log-probabilities of each next token of ``ids`` ([seqlen]
+    token ids) under ``method``."""
+    sim.activate(method)
+    return torch.log_softmax(sim.logits(ids)[:-1].float(), -1)
+
+
+def add_window(a: dict, logp: torch.Tensor, target: torch.Tensor,
+               logp_fp: Optional[torch.Tensor]) -> None:
+    """Add one window to one method's totals ``a``: its NLL, and with ``logp_fp`` (the fp16
+    method's `next_token_logp`) its KL and top-1 matches. logp: fp32 [seqlen - 1, vocab];
+    target: int64 [seqlen - 1] next token ids."""
+    nll = -float(logp.gather(1, target[:, None]).sum())
+    a["nll"] += nll
+    a["window_nll"].append(round(nll, 4))
+    if logp_fp is not None:
+        a["kl"] += float((logp_fp.exp() * (logp_fp - logp)).sum())
+        a["top1"] += int((logp.argmax(-1) == logp_fp.argmax(-1)).sum())
+
+
+def score_windows(sim: SimModel, windows: torch.Tensor, methods: Sequence[str], ckpt_only: bool,
+                  device: str, progress: bool) -> tuple[dict, int]:
+    """Run every method on each of ``windows`` ([n, seqlen] token ids).
+
+    Returns (per method: summed ``nll``, ``kl`` and ``top1`` over all predictions and the
+    ``window_nll`` list; the number of predictions, n * (seqlen - 1)).
+    """
+    from tqdm.auto import tqdm
+
+    acc = {m: {"nll": 0.0, "kl": 0.0, "top1": 0, "window_nll": []} for m in methods}
+    n_pred = 0
+    bar = tqdm(windows, desc="atom eval", unit="window", disable=not progress)
+    for ids in bar:
+        target = ids[1:].to(device)
+        logp_fp = None if ckpt_only else next_token_logp(sim, "fp16", ids)
+        for m in methods:
+            logp = logp_fp if m == "fp16" and logp_fp is not None else next_token_logp(sim, m, ids)
+            add_window(acc[m], logp, target, logp_fp)
+        n_pred += ids.numel() - 1
+        if "atom-kv4" in acc:
+            bar.set_postfix(ppl_atom_kv4=f"{math.exp(acc['atom-kv4']['nll'] / n_pred):.3f}")
+    return acc, n_pred
+
+
+def result_rows(sim: SimModel, methods: Sequence[str], acc: dict, n_pred: int, ckpt_only: bool, *,
+                model: str, text: str, seqlen: int, tokens: int, pipeline: str,
+                seconds: float) -> list[dict]:
+    """One result row per method from `score_windows`' totals (see `evaluate`)."""
+    rows = []
+    for m in methods:
+        a = acc[m]
+        rows.append({
+            "model": model,
+            "method": m,
+            "label": LABELS[m],
+            "text": text,
+            "seqlen": seqlen,
+            "tokens": tokens,
+            "predicted_tokens": n_pred,
+            "ppl": round(math.exp(a["nll"] / n_pred), 4),
+            "kl": None if ckpt_only else round(a["kl"] / n_pred, 5),
+            "top1": None if ckpt_only else round(a["top1"] / n_pred, 4),
+            "kv_bits": sim.kv[m],
+            **({"kv_skip_layers": list(sim.kv_skip[m])} if sim.kv_skip[m] else {}),
+            "pipeline": pipeline,
+            "seconds_total": seconds,
+            "window_nll": a["window_nll"],
+        })
+    return rows
+
+
 def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = None,
              methods: Optional[Sequence[str]] = None, checkpoint=None, device: str = "cpu",
              model_name: Optional[str] = None, text_name: Optional[str] = None,
@@ -215,113 +356,28 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
     Each row also holds ``window_nll``: the summed NLL of every window (seqlen - 1
     predictions each), in window order, for paired comparisons (`paired_ppl_ratio`).
     """
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    if pipeline not in ("fp32", "16bit"):
-        raise ValueError(f"pipeline must be 'fp32' or '16bit', got {pipeline!r}")
     t0 = time.time()
-    if seqlen < 2 or (max_tokens is not None and max_tokens < 2):
-        raise ValueError(f"--seqlen {seqlen} / --max-tokens {max_tokens}: need at least 2 tokens "
-                         f"(one prediction) per window")
-    check_supported(model_path, read_model_config(model_path))
-    if checkpoint is not None:
-        read_model_config(checkpoint, "checkpoint directory")
-        if not is_atom_checkpoint(checkpoint):
-            raise InputError(f"{checkpoint}: not an Atom checkpoint (config.json has no "
-                             f"quantization_config with quant_method 'atom')")
-    ckpt_only = is_atom_checkpoint(model_path)
-    if ckpt_only:
-        if checkpoint is not None:
-            raise ValueError("give either an Atom checkpoint as MODEL or --checkpoint, not both")
-        checkpoint = model_path
-    for m in methods or ():  # before the model loads
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if m in ("atom", "atom-kv4") and checkpoint is None:
-            raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
-        if m in _RTN_STEPS and checkpoint is None:
-            raise ValueError(f"method {m!r} needs the reorder of an Atom checkpoint (--checkpoint)")
+    checkpoint, ckpt_only = check_eval_inputs(model_path, checkpoint, seqlen, max_tokens, methods,
+                                              pipeline)
     model, io_dtype = load_model(model_path, device)
     sim = SimModel(model, io_dtype)
     cfg = atom = None
     if checkpoint is not None:
         cfg, atom = checkpoint_states(sim, checkpoint, device)
-    if methods is None:
-        if ckpt_only:
-            methods = ["atom-kv4" if cfg.kv_bits == 4 else "atom"]
-        else:
-            methods = ["fp16", "rtn"] + ([m for m in METHODS[2:]] if atom is not None else [])
-    methods = list(methods)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if ckpt_only and m not in ("atom", "atom-kv4"):
-            raise ValueError(f"method {m!r} needs the 16-bit model; give it as MODEL and the "
-                             f"checkpoint as --checkpoint")
-        if m in ("atom", "atom-kv4") and atom is None:
-            raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
-    if not ckpt_only:
-        sim.add_method("fp16", None)
-    for m in methods:
-        if m == "atom":
-            sim.add_method(m, atom)
-        elif m == "atom-kv4":
-            sim.add_method(m, atom, 4, cfg.kv_skip_layers)
-        elif m != "fp16":
-            sim.add_method(m, ladder_states(sim, m, atom, cfg))
+    methods = choose_methods(methods, ckpt_only, cfg, atom)
+    add_methods(sim, methods, ckpt_only, cfg, atom)
     if pipeline == "16bit":
         model.to(io_dtype)
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
     windows = eval_windows(tok, text, seqlen, max_tokens)
-    acc = {m: {"nll": 0.0, "kl": 0.0, "top1": 0, "window_nll": []} for m in methods}
-    n_pred = 0
-    bar = tqdm(windows, desc="atom eval", unit="window", disable=not progress)
-    for ids in bar:
-        target = ids[1:].to(device)
-        logp_fp = None
-        if not ckpt_only:
-            sim.activate("fp16")
-            logp_fp = torch.log_softmax(sim.logits(ids)[:-1].float(), -1)
-        for m in methods:
-            if m == "fp16" and logp_fp is not None:
-                logp = logp_fp
-            else:
-                sim.activate(m)
-                logp = torch.log_softmax(sim.logits(ids)[:-1].float(), -1)
-            a = acc[m]
-            nll = -float(logp.gather(1, target[:, None]).sum())
-            a["nll"] += nll
-            a["window_nll"].append(round(nll, 4))
-            if logp_fp is not None:
-                a["kl"] += float((logp_fp.exp() * (logp_fp - logp)).sum())
-                a["top1"] += int((logp.argmax(-1) == logp_fp.argmax(-1)).sum())
-        n_pred += ids.numel() - 1
-        if "atom-kv4" in acc:
-            bar.set_postfix(ppl_atom_kv4=f"{math.exp(acc['atom-kv4']['nll'] / n_pred):.3f}")
-    seconds = round(time.time() - t0, 1)
-    rows = []
-    for m in methods:
-        a = acc[m]
-        rows.append({
-            "model": model_name or Path(model_path).name,
-            "method": m,
-            "label": LABELS[m],
-            "text": text_name or Path(text).name,
-            "seqlen": seqlen,
-            "tokens": int(windows.numel()),
-            "predicted_tokens": n_pred,
-            "ppl": round(math.exp(a["nll"] / n_pred), 4),
-            "kl": None if ckpt_only else round(a["kl"] / n_pred, 5),
-            "top1": None if ckpt_only else round(a["top1"] / n_pred, 4),
-            "kv_bits": sim.kv[m],
-            **({"kv_skip_layers": list(sim.kv_skip[m])} if sim.kv_skip[m] else {}),
-            "pipeline": pipeline,
-            "seconds_total": seconds,
-            "window_nll": a["window_nll"],
-        })
-    return rows
+    acc, n_pred = score_windows(sim, windows, methods, ckpt_only, device, progress)
+    return result_rows(sim, methods, acc, n_pred, ckpt_only,
+                       model=model_name or Path(model_path).name, text=text_name or Path(text).name,
+                       seqlen=seqlen, tokens=int(windows.numel()), pipeline=pipeline,
+                       seconds=round(time.time() - t0, 1))
 
 
 def paired_ppl_ratio(window_nll_a: Sequence[float], window_nll_b: Sequence[float],
