@@ -20,8 +20,9 @@
 // through distributed shared memory; then bias and rounding to T. The same arithmetic as
 // w4a4_gemm.cu, step by step.
 // Tile: 64*WGC weight rows x BN tokens per CTA; WGC consumer warpgroups (64 rows each) and one
-// producer warpgroup (registers handed to the consumers with setmaxnreg) whose first thread streams each step (weights, activations, scales) into one of STAGES
-// shared-memory stages with bulk async copies.
+// producer warpgroup (its registers handed to the consumers with setmaxnreg) whose first thread
+// streams each step (weights, activations, scales) into one of STAGES shared-memory stages with
+// bulk async copies.
 // Grid (tiles_m * tiles_n, CS), cluster (1, CS, 1); tiles rasterized in groups of 8 M-tiles.
 #include "sm90.cuh"
 
