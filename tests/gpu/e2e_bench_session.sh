@@ -7,10 +7,7 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 t0=$(date +%s); BUDGET=${BUDGET:-500}
 source .devbundle/vllm_env.sh > "$OUT/env.log" 2>&1 || { cat "$OUT/env.log"; exit 1; }
-mkdir -p /tmp/plug/vllm_atom-0.dist-info
-printf 'Metadata-Version: 2.1\nName: vllm-atom\nVersion: 0\n' > /tmp/plug/vllm_atom-0.dist-info/METADATA
-printf '[vllm.general_plugins]\natom = vllm_atom.plugin:register\n' > /tmp/plug/vllm_atom-0.dist-info/entry_points.txt
-export PYTHONPATH=$PWD:/tmp/plug:$PYTHONPATH
+source tests/gpu/plugin_env.sh
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 timeout 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_sm90.py tests/gpu/test_kernels.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$? $(tail -1 "$OUT/tests.log")  ($(( $(date +%s) - t0 ))s)"

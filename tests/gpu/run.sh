@@ -13,10 +13,7 @@ set -uo pipefail
 STEPS=${1:-kernels,kv,e2e,gemm,attn_bench,vllm_bench}
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 source .devbundle/vllm_env.sh || exit 1
-mkdir -p /tmp/plug/vllm_atom-0.dist-info
-printf 'Metadata-Version: 2.1\nName: vllm-atom\nVersion: 0\n' > /tmp/plug/vllm_atom-0.dist-info/METADATA
-printf '[vllm.general_plugins]\natom = vllm_atom.plugin:register\n' > /tmp/plug/vllm_atom-0.dist-info/entry_points.txt
-export PYTHONPATH=$PWD:/tmp/plug:$PYTHONPATH
+source tests/gpu/plugin_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 echo "${ATOM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee "$OUT/commit.txt"
 

@@ -23,10 +23,8 @@ run smoke 150 python -m pytest -x -q -p no:cacheprovider tests/gpu/test_sm90.py 
     -k "${SM90_SMOKE:-quantize_act_sm90 or every_cluster_split or fp16_bias}"
 run tests "${TEST_LIMIT:-300}" python -m pytest -q -p no:cacheprovider ${SM90_TESTS:-tests/gpu/test_sm90.py}
 if [ -n "${E2E_K:-}" ]; then  # vLLM with the kernels (tiny real-tokenizer models), a -k selection
-    mkdir -p /tmp/plug/vllm_atom-0.dist-info
-    printf 'Metadata-Version: 2.1\nName: vllm-atom\nVersion: 0\n' > /tmp/plug/vllm_atom-0.dist-info/METADATA
-    printf '[vllm.general_plugins]\natom = vllm_atom.plugin:register\n' > /tmp/plug/vllm_atom-0.dist-info/entry_points.txt
-    PYTHONPATH=$PYTHONPATH:/tmp/plug run e2e "${E2E_LIMIT:-300}" python -m pytest -q -s -p no:cacheprovider \
+    source tests/gpu/plugin_env.sh
+    run e2e "${E2E_LIMIT:-300}" python -m pytest -q -s -p no:cacheprovider \
         tests/gpu/test_vllm_e2e.py -k "$E2E_K"
 fi
 [ "${BENCH:-1}" = 1 ] && TAIL=60 run bench 600 python examples/benchmarks/bench_gemm.py --out "$OUT" "$@"
