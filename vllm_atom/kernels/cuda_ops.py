@@ -272,12 +272,18 @@ def prepare_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype
     """Validate one prepacked linear and compile every kernel it can launch (all M)."""
     g, has_o = _check_wpack(wpack, n)
     dev = wpack.device.index
-    sms = _check_device(dev)
+    _check_device(dev)
     _check_sm90(dev)
-    steps = g + has_o
+    _compile_sm90(dev, n, g + has_o, dtype)
+
+
+@functools.cache
+def _compile_sm90(dev: int, n: int, steps: int, dtype: torch.dtype) -> None:
+    """Compile every kernel a prepacked linear of this shape can launch (once per shape: the
+    layers of a model share a few)."""
     for name in ("act_quant", "rmsnorm_act_quant", "silu_mul_act_quant"):
         _loader.kernel("act_quant.cu", name, _act_defines(dtype, True), dev)
-    for cfg in sm90_configs(n, layout.GROUP * steps, steps, sms, _cluster_slots(dev)):
+    for cfg in sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev)):
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
 
 

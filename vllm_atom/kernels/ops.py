@@ -72,9 +72,8 @@ def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int, sm90: bool):
     _, ka, steps = layout.sizes(k, n_outliers)
     m = x.shape[0]
     if sm90:
-        mp = (m + 7) // 8 * 8
         return (x.new_empty((steps, m, layout.GROUP), dtype=torch.int8),
-                x.new_empty((steps, mp), dtype=torch.float32))
+                x.new_empty((steps, layout.padded_tokens(m)), dtype=torch.float32))
     return x.new_empty((m, ka), dtype=torch.int8), x.new_empty((steps, m), dtype=torch.float32)
 
 
