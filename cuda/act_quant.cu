@@ -107,6 +107,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int Kn, int O,
           float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
+  allow_dependents();  // the GEMM after this kernel may start streaming its weights
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   for (int i = threadIdx.x; i < K / 8; i += THREADS) ((uint4*)row)[i] = src[i];
   __syncthreads();
@@ -119,6 +120,7 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
                   const int* __restrict__ reorder, int K, int Kn, int O, float clip,
                   i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
+  allow_dependents();  // the GEMM after this kernel may start streaming its weights
   __shared__ float partial[WARPS];
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   float ss = 0.0f;
@@ -159,6 +161,7 @@ silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, i
                    int O, float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld,
                    int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
+  allow_dependents();  // the GEMM after this kernel may start streaming its weights
   const uint4* gate = (const uint4*)(x + (size_t)blockIdx.x * 2 * K);
   const uint4* up = gate + K / 8;
   for (int i = threadIdx.x; i < K / 8; i += THREADS) {

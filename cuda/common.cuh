@@ -43,6 +43,15 @@ __device__ __forceinline__ u16 from_float(float f) {
 #define MAGIC_I 0x4B400000
 #define MAGIC_F 12582912.0f
 
+// Lets the kernel launched after this one with programmatic dependent launch start now (its
+// griddepcontrol.wait still waits for this whole grid to finish). A no-op before sm_90 and when
+// the next kernel is launched normally.
+__device__ __forceinline__ void allow_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
 }

@@ -38,6 +38,10 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
       "}\n" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
+// Waits until the grid this one was launched after (programmatic dependent launch) has finished
+// and its writes are visible; returns at once after a normal launch.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
 // ---- bulk copies global -> shared, completion counted in bytes on an mbarrier ----
 
 __device__ __forceinline__ u64 policy_evict_first() {
@@ -193,4 +197,9 @@ __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.
 // Named barrier over `threads` threads (a multiple of 32) of this CTA.
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// Arrive on named barrier `id` without waiting (the other `threads` - 32k wait on it with named_sync).
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }

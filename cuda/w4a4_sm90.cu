@@ -13,6 +13,8 @@
 //                                  then 64 fp16 scales), then one 8320-byte outlier chunk (8192
 //                                  bytes of INT8 fragments, 64 fp16 scales) if O > 0
 //   bias  T [N] or null;  out T [M, N]
+//   prefetch               steps whose weights the producer requests before it waits for the
+//                          kernel this one was launched after (programmatic dependent launch)
 // Math: per step an exact int32 dot product on tensor cores (wgmma m64nBNk32 s8, INT4 weights
 // expanded in registers to 16*w), folded into fp32 as acc += (isum * sw) * sa with an integer
 // add of the bits of 1.5*2^23 and two FMAs (see common.cuh), steps in order; the
@@ -44,6 +46,9 @@
 #define P_LD (ROWS + 4)  // partial tile [BN][P_LD] fp32: conflict-free writes of the fragments
 #define NACC (BN / 2)
 #define GROUP_M 8
+#ifndef PINGPONG
+#define PINGPONG (WGC == 2 && BN >= 64)
+#endif
 // Per SM sub-partition (16,384 registers) one warp of each warpgroup.
 #define PRODUCER_REGS 56
 #define CONSUMER_REGS (WGC == 2 ? 224 : 256)
@@ -57,13 +62,21 @@ static_assert(ROWS % (2 * CS) == 0, "rows do not split over the cluster");
 #define CLUSTER_ATTR
 #endif
 
+// Byte offsets of this thread's parts of a 64-row weight chunk (warp w of the warpgroup).
+struct WOffsets {
+  int frag4, scale4, frag8, scale8;
+};
+__device__ __forceinline__ WOffsets weight_offsets(int w, int lane) {
+  const int row = (w * 16 + (lane >> 2)) * 2;
+  return {w * 1024 + lane * 16, 4096 + row, w * 2048 + lane * 16, 8192 + row};
+}
+
 // This thread's A fragments (4 k-chunks of 32) and its two rows' weight scales for one step.
-__device__ __forceinline__ void load_weights(const unsigned char* chunk, bool outlier, int warp, int lane,
+__device__ __forceinline__ void load_weights(const unsigned char* chunk, bool outlier, const WOffsets& o,
                                              u32 (&a)[4][4], float (&sw)[2]) {
-  const int g = lane >> 2;
   if (!outlier) {
-    const uint4 lo = *(const uint4*)(chunk + warp * 1024 + lane * 16);        // row g
-    const uint4 hi = *(const uint4*)(chunk + warp * 1024 + 512 + lane * 16);  // row g + 8
+    const uint4 lo = *(const uint4*)(chunk + o.frag4);        // row g
+    const uint4 hi = *(const uint4*)(chunk + o.frag4 + 512);  // row g + 8
     const u32 l[4] = {lo.x, lo.y, lo.z, lo.w}, h[4] = {hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {  // even nibbles (slots 8t+2i) * 16, then odd ones
@@ -72,19 +85,19 @@ __device__ __forceinline__ void load_weights(const unsigned char* chunk, bool ou
       a[kc][2] = l[kc] & 0xF0F0F0F0u;
       a[kc][3] = h[kc] & 0xF0F0F0F0u;
     }
-    const u16* s = (const u16*)(chunk + 4096) + warp * 16 + g;
+    const u16* s = (const u16*)(chunk + o.scale4);
     sw[0] = half_to_float(s[0]) * 0.0625f;
     sw[1] = half_to_float(s[8]) * 0.0625f;
   } else {
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
-      const uint4 v = *(const uint4*)(chunk + warp * 2048 + kc * 512 + lane * 16);
+      const uint4 v = *(const uint4*)(chunk + o.frag8 + kc * 512);
       a[kc][0] = v.x;
       a[kc][1] = v.y;
       a[kc][2] = v.z;
       a[kc][3] = v.w;
     }
-    const u16* s = (const u16*)(chunk + 8192) + warp * 16 + g;
+    const u16* s = (const u16*)(chunk + o.scale8);
     sw[0] = half_to_float(s[0]);
     sw[1] = half_to_float(s[8]);
   }
@@ -95,10 +108,11 @@ __device__ __forceinline__ void load_weights(const unsigned char* chunk, bool ou
 // defines them, so ptxas keeps the MMAs asynchronous).
 template <int WIDTH>
 __device__ __forceinline__ void issue(int (&c)[WIDTH / 2], const u32 (&a)[4][4], u32 act) {
+  const u64 desc = desc_sw128(act);  // k-chunk kc starts 32 bytes further: + 2 in the address field
   fence_operand(c);
   wgmma_fence();
 #pragma unroll
-  for (int kc = 0; kc < 4; ++kc) Wgmma<WIDTH>::mma(c, a[kc], desc_sw128(act + kc * 32), kc > 0);
+  for (int kc = 0; kc < 4; ++kc) Wgmma<WIDTH>::mma(c, a[kc], desc + 2 * kc, kc > 0);
   wgmma_commit();
   fence_operand(c);
 }
@@ -127,7 +141,7 @@ __device__ __forceinline__ void fold(float (&acc)[WIDTH / 2], const int (&c)[WID
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
 w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
           const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
-          int tiles_m, int tiles_n, int steps_per_split) {
+          int tiles_m, int tiles_n, int steps_per_split, int prefetch) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Stages start 1024-byte aligned (the swizzle pattern is a function of the address); the
   // host allocates SMEM_BYTES = STAGES * STAGE_BYTES + 1024 + 16 * STAGES.
@@ -161,17 +175,29 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     if (warp == 4 * WGC && lane == 0) {
       const u64 keep = policy_evict_last(), stream = policy_evict_first();
       const int rows = min(BN, M - m0), srows = min(BN, Mp - m0);
-      for (int j = j0; j < j1; ++j) {
-        const int it = j - j0, s = it % STAGES;
-        if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
-        const bool outlier = j == G;
-        const u32 wbytes = outlier ? CHUNK8 : CHUNK4;
+      // Step j's weights into stage s; the stage completes when its activations are in too.
+      auto weights = [&](int j, int s) {
+        const u32 wbytes = j == G ? CHUNK8 : CHUNK4;
         unsigned char* st = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], WGC * wbytes + rows * 128 + srows * 4);
 #pragma unroll
         for (int w = 0; w < WGC; ++w)
           bulk_copy(st + W_OFF + w * CHUNK8, wpack + (tn * WGC + w) * slab + (size_t)j * CHUNK4, wbytes, &full[s],
                     stream);
+      };
+      // The weights do not depend on the kernel before this one (the activation quantization):
+      // after a programmatic dependent launch the first `prefetch` steps stream in while it still
+      // runs (issued first, they would delay the activations of a kernel that starts at once).
+      const int pre = min(j1 - j0, min(prefetch, STAGES));
+      for (int it = 0; it < pre; ++it) weights(j0 + it, it);
+      grid_dependency_wait();
+      for (int j = j0; j < j1; ++j) {
+        const int it = j - j0, s = it % STAGES;
+        if (it >= pre) {
+          if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+          weights(j, s);
+        }
+        unsigned char* st = smem + s * STAGE_BYTES;
         bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
         bulk_copy(st + SA_OFF, sa + (size_t)j * Mp + m0, srows * 4, &full[s], keep);
       }
@@ -184,30 +210,43 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     return;
   }
 
-  // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile. The two
-  // warpgroups fold one step while the other's MMAs run (they drift apart by themselves).
+  // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile. With PINGPONG
+  // the two warpgroups take turns on the tensor cores: each issues a step's MMAs once the other's
+  // have completed (named barriers 2 and 3), so one folds while the other's MMAs run. Left to
+  // themselves both issue at once, their MMAs interleave and both fold at the same time.
   setmaxnreg_inc<CONSUMER_REGS>();
   const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3;
+  const WOffsets wo = weight_offsets(w, lane);
+  const unsigned char* wbase = smem + W_OFF + wg * CHUNK8;
+  const unsigned char* sabase = smem + SA_OFF + 2 * t * 4;
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+  int s = 0;
+  u32 phase = 0;
   for (int j = j0; j < j1; ++j) {
-    const int it = j - j0, s = it % STAGES;
-    mbar_wait(&full[s], (it / STAGES) & 1);
-    const unsigned char* st = smem + s * STAGE_BYTES;
+    mbar_wait(&full[s], phase);
+    const int so = s * STAGE_BYTES;
     u32 a[4][4];
     float sw[2];
-    load_weights(st + W_OFF + wg * CHUNK8, j == G, w, lane, a, sw);
+    load_weights(wbase + so, j == G, wo, a, sw);
     float2 fa[BN / 8];  // activation scales of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(st + SA_OFF + (8 * i + 2 * t) * 4);
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(sabase + so + 8 * i * 4);
     int c[NACC];
-    issue<BN>(c, a, smem_addr(st));
+#if PINGPONG
+    if (wg == 1 || j > j0) named_sync(2 + wg, 256);  // my turn: the other's MMAs are done
+#endif
+    issue<BN>(c, a, smem_addr(smem + so));
     wgmma_wait<0>();
     fence_operand(c);
+#if PINGPONG
+    if (wg == 0 || j + 1 < j1) named_arrive(3 - wg, 256);  // its turn (one arrive per sync)
+#endif
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
     fold<BN>(acc, c, sw, fa);
+    if (++s == STAGES) s = 0, phase ^= 1;
   }
 
   // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].

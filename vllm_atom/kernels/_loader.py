@@ -27,6 +27,7 @@ from cupy_backends.cuda.libs import nvrtc
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "VLLM_ATOM_KERNEL_CACHE"
+PDL_ENV = "VLLM_ATOM_PDL"  # "0": launch without programmatic dependent launch (see `launch`)
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -170,18 +171,35 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig of the CUDA driver API
                 ("numAttrs", ctypes.c_uint)]
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+@functools.cache
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        name = ctypes.c_char_p()
+        _libcuda().cuGetErrorName(rc, ctypes.byref(name))
+        raise RuntimeError(f"{what} failed: {name.value.decode() if name.value else rc}")
+
+
 def max_active_clusters(fn, grid: tuple[int, int, int], block: int, smem: int, device_index: int) -> int:
     """How many clusters of a kernel compiled with __cluster_dims__ can be resident at once
     (cuOccupancyMaxActiveClusters): GPCs, not SMs, bound a cluster launch."""
     import cupy
 
-    cuda = ctypes.CDLL("libcuda.so.1")
     cfg = _LaunchConfig(*grid, block, 1, 1, smem, None, None, 0)
     n = ctypes.c_int(0)
     with cupy.cuda.Device(device_index):
-        rc = cuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(fn.ptr), ctypes.byref(cfg))
-    if rc != 0:
-        raise RuntimeError(f"cuOccupancyMaxActiveClusters failed with CUresult {rc}")
+        _check(_libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(fn.ptr), ctypes.byref(cfg)),
+               "cuOccupancyMaxActiveClusters")
     return n.value
 
 
@@ -196,10 +214,33 @@ def _stream(ptr: int, device_index: int):
         return cupy.cuda.ExternalStream(ptr, device_index)
 
 
-def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int, device_index: int) -> None:
-    """Launch on torch's current stream. ``args``: ints are pointers unless given as np.int32/np.float32."""
+def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int, device_index: int,
+           dependent: bool = False) -> None:
+    """Launch on torch's current stream. ``args``: ints are pointers unless given as np.int32/np.float32.
+
+    ``dependent``: a programmatic dependent launch (`cuLaunchKernelEx` with programmatic stream
+    serialization; kept in CUDA graphs): the kernel may start while the kernel before it on the
+    stream still runs, once that one has executed `griddepcontrol.launch_dependents` (or
+    exited), and must itself execute `griddepcontrol.wait` before touching that kernel's output.
+    Off with VLLM_ATOM_PDL=0."""
     import torch
 
-    stream = _stream(torch.cuda.current_stream(device_index).cuda_stream, device_index)
+    stream = torch.cuda.current_stream(device_index).cuda_stream
+    if dependent and os.environ.get(PDL_ENV, "1") != "0":
+        return _launch_dependent(fn, grid, block, args, smem, stream)
     fn(grid, block, tuple(np.uint64(a) if isinstance(a, int) else a for a in args),
-       shared_mem=smem, stream=stream)
+       shared_mem=smem, stream=_stream(stream, device_index))
+
+
+def _launch_dependent(fn, grid, block, args, smem: int, stream: int) -> None:
+    for a in args:
+        if not isinstance(a, (int, np.int32, np.float32)):
+            raise TypeError(f"kernel argument of type {type(a).__name__}: expected int, np.int32 or np.float32")
+    values = [ctypes.c_uint64(a) if isinstance(a, int) else
+              ctypes.c_int32(int(a)) if isinstance(a, np.int32) else ctypes.c_float(float(a)) for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = _LaunchAttribute(_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    cfg = _LaunchConfig(*grid, *block, smem, ctypes.c_void_p(stream), ctypes.cast(ctypes.pointer(attr), ctypes.c_void_p),
+                        1)
+    _check(_libcuda().cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.ptr), params, None), "cuLaunchKernelEx")

@@ -1,0 +1,144 @@
+"""Where the sm90 GEMM's time goes: the shipped kernel against copies of it with one part taken out.
+
+Each variant is cuda/w4a4_sm90.cu with a text patch (below), compiled into a private kernel
+directory and timed exactly like bench_gemm.py's atom_gemm row (CUDA graph, rotated buffers).
+The results are wrong by construction for every variant but "base": they only bound the time.
+
+    nofold   the per-step fold of the int32 sums into fp32 is skipped (the MMA + load ceiling)
+    nomma    no wgmma is issued; the fold runs on the weight registers (the fold + load ceiling)
+    noact    the activation tile is not copied (no activation traffic from L2)
+    stream   nofold + nomma: the producer's copies and the barriers alone
+    pp0      PINGPONG off: the two consumer warpgroups issue their MMAs without taking turns
+    git:REV  the kernel sources (cuda/) as committed at REV, unpatched
+    dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
+    pf<N>    the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
+             runs it), the GEMM requesting N steps of weights before it waits for the quantization
+
+    python examples/benchmarks/sm90_variants.py [--variants base,nofold,...] [--m-list 1,128,8192] [--out DIR]
+
+Prints one table (microseconds and TOPS per variant) and writes sm90-variants-<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gemm  # noqa: E402
+from vllm_atom.config import AtomConfig  # noqa: E402
+from vllm_atom.kernels import _loader, cuda_ops, layout  # noqa: E402  (bench_gemm registers the ops)
+
+ISSUE = "    issue<BN>(c, a, smem_addr(smem + so));\n"
+FOLD = "    fold<BN>(acc, c, sw, fa);\n"
+EXPECT = "WGC * wbytes + rows * 128 + srows * 4"
+ACT_COPY = "        bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);\n"
+NO_MMA = ("#pragma unroll\n    for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n")
+NO_FOLD = "    if (c[0] == 0x7fffffff) acc[0] += sw[0] * fa[0].x;\n"
+PATCHES = {
+    "base": [],
+    "nofold": [(FOLD, NO_FOLD)],
+    "nomma": [(ISSUE, NO_MMA)],
+    "noact": [(EXPECT, "WGC * wbytes + srows * 4"), (ACT_COPY, "")],
+    "stream": [(ISSUE, NO_MMA), (FOLD, NO_FOLD)],
+    "pp0": [("#define PINGPONG (WGC == 2 && BN >= 64)", "#define PINGPONG 0")],
+}
+SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096),
+          ("llama-2-70b", "down", 8192, 28672)]
+
+
+def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:
+    d = root / name.replace(":", "-")
+    shutil.copytree(cuda_dir, d)
+    if name.startswith("pf"):
+        return d
+    if name.startswith("git:"):  # (needs a git checkout)
+        for f in d.iterdir():
+            f.write_text(subprocess.run(["git", "show", f"{name[4:]}:cuda/{f.name}"], capture_output=True,
+                                        text=True, check=True, cwd=cuda_dir).stdout)
+        return d
+    if name.startswith("dir:"):
+        shutil.rmtree(d)
+        shutil.copytree(name[4:], d)
+        return d
+    src = (d / "w4a4_sm90.cu").read_text()
+    for old, new in PATCHES[name]:
+        if src.count(old) != 1:
+            raise SystemExit(f"variant {name}: patch target not found once in w4a4_sm90.cu: {old!r}")
+        src = src.replace(old, new)
+    (d / "w4a4_sm90.cu").write_text(src)
+    return d
+
+
+def use_kernels(d: Path) -> None:
+    _loader.CUDA_DIR = d
+    _loader.kernel.cache_clear()
+    _loader.compile_cubin.cache_clear()
+    cuda_ops._compile_sm90.cache_clear()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="base,nofold,nomma,noact,stream")
+    ap.add_argument("--m-list", default="1,16,128,1024,8192")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    variants, m_list = args.variants.split(","), [int(v) for v in args.m_list.split(",")]
+    cfg = AtomConfig()
+    root = Path(tempfile.mkdtemp(prefix="sm90-variants-"))
+    cuda_dir, prefetch = _loader.CUDA_DIR, cuda_ops.SM90_PREFETCH_STEPS
+    dirs = {v: variant_dir(v, root, cuda_dir) for v in variants}
+    rows = []
+    for model, layer, n, k in SHAPES:
+        o = cfg.outliers_for(k)
+        kn = k - o
+        n_w = max(1, min(8, math.ceil(bench_gemm.ROTATE_BYTES / (n * k))))
+        packs = [layout.prepack_sm90(torch.randint(0, 256, (n, kn // 2), dtype=torch.uint8, device="cuda"),
+                                     (torch.rand(n, kn // 128, device="cuda") * 0.01 + 1e-3).half(),
+                                     torch.randint(-127, 128, (n, o), dtype=torch.int8, device="cuda"),
+                                     (torch.rand(n, 1, device="cuda") * 0.01 + 1e-3).half()) for _ in range(n_w)]
+        reorder = torch.randperm(k, device="cuda").to(torch.int32)
+        for m in m_list:
+            n_sets = max(n_w, min(8, math.ceil(bench_gemm.ROTATE_BYTES / (2 * m * k + 2 * m * n))))
+            sets = []
+            for i in range(n_sets):
+                x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+                qa, sa = torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True)
+                sets.append((x, qa, sa, packs[i % n_w]))
+            for v in variants:
+                use_kernels(dirs[v])
+                if v.startswith("pf"):
+                    cuda_ops.SM90_PREFETCH_STEPS = int(v[2:])
+                    def fn(x, qa, sa, wp, n=n, o=o, r=reorder):
+                        return torch.ops.vllm_atom.atom_linear_sm90(x, wp, r, None, n, o, cfg.a_clip)
+                else:
+                    def fn(x, qa, sa, wp, n=n):
+                        return torch.ops.vllm_atom.w4a4_gemm_sm90(qa, sa, wp, None, n, torch.bfloat16)
+                us = bench_gemm.time_us(fn, sets)
+                rows.append(dict(model=model, layer=layer, M=m, N=n, K=k, variant=v, time_us=round(us, 3),
+                                 tops=round(2 * m * n * k / us / 1e6, 1)))
+            line = "  ".join(f"{r['variant']} {r['time_us']:8.2f} us {r['tops']:7.1f}" for r in rows[-len(variants):])
+            print(f"{model:12s} {layer:8s} M={m:5d}  {line}", flush=True)
+            del sets
+        del packs
+        torch.cuda.empty_cache()
+    use_kernels(cuda_dir)
+    cuda_ops.SM90_PREFETCH_STEPS = prefetch
+    shutil.rmtree(root)
+    out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
+    out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),
+                                   patches={v: PATCHES.get(v, v) for v in variants}, rows=rows), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
