@@ -13,8 +13,6 @@
 //                                  then 64 fp16 scales), then one 8320-byte outlier chunk (8192
 //                                  bytes of INT8 fragments, 64 fp16 scales) if O > 0
 //   bias  T [N] or null;  out T [M, N]
-//   prefetch               steps whose weights the producer requests before it waits for the
-//                          kernel this one was launched after (programmatic dependent launch)
 // Math: per step an exact int32 dot product on tensor cores (wgmma m64nBNk32 s8, INT4 weights
 // expanded in registers to 16*w), folded into fp32 as acc += (isum * sw) * sa with an integer
 // add of the bits of 1.5*2^23 and two FMAs (see common.cuh), steps in order; the
@@ -141,7 +139,7 @@ __device__ __forceinline__ void fold(float (&acc)[WIDTH / 2], const int (&c)[WID
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
 w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
           const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
-          int tiles_m, int tiles_n, int steps_per_split, int prefetch) {
+          int tiles_m, int tiles_n, int steps_per_split) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Stages start 1024-byte aligned (the swizzle pattern is a function of the address); the
   // host allocates SMEM_BYTES = STAGES * STAGE_BYTES + 1024 + 16 * STAGES.
@@ -175,8 +173,12 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     if (warp == 4 * WGC && lane == 0) {
       const u64 keep = policy_evict_last(), stream = policy_evict_first();
       const int rows = min(BN, M - m0), srows = min(BN, Mp - m0);
-      // Step j's weights into stage s; the stage completes when its activations are in too.
-      auto weights = [&](int j, int s) {
+      // After a programmatic dependent launch this CTA is set up while the activation
+      // quantization still runs; everything it reads from here on may be that kernel's output.
+      grid_dependency_wait();
+      for (int j = j0; j < j1; ++j) {
+        const int it = j - j0, s = it % STAGES;
+        if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
         const u32 wbytes = j == G ? CHUNK8 : CHUNK4;
         unsigned char* st = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], WGC * wbytes + rows * 128 + srows * 4);
@@ -184,20 +186,6 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
         for (int w = 0; w < WGC; ++w)
           bulk_copy(st + W_OFF + w * CHUNK8, wpack + (tn * WGC + w) * slab + (size_t)j * CHUNK4, wbytes, &full[s],
                     stream);
-      };
-      // The weights do not depend on the kernel before this one (the activation quantization):
-      // after a programmatic dependent launch the first `prefetch` steps stream in while it still
-      // runs (issued first, they would delay the activations of a kernel that starts at once).
-      const int pre = min(j1 - j0, min(prefetch, STAGES));
-      for (int it = 0; it < pre; ++it) weights(j0 + it, it);
-      grid_dependency_wait();
-      for (int j = j0; j < j1; ++j) {
-        const int it = j - j0, s = it % STAGES;
-        if (it >= pre) {
-          if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
-          weights(j, s);
-        }
-        unsigned char* st = smem + s * STAGE_BYTES;
         bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
         bulk_copy(st + SA_OFF, sa + (size_t)j * Mp + m0, srows * 4, &full[s], keep);
       }

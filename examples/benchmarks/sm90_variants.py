@@ -11,8 +11,8 @@ The results are wrong by construction for every variant but "base": they only bo
     pp0      PINGPONG off: the two consumer warpgroups issue their MMAs without taking turns
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
-    pf<N>    the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
-             runs it), the GEMM requesting N steps of weights before it waits for the quantization
+    linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
+             runs it: the GEMM a programmatic dependent launch)
 
     python examples/benchmarks/sm90_variants.py [--variants base,nofold,...] [--m-list 1,128,8192] [--out DIR]
 
@@ -59,7 +59,7 @@ SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096
 def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:
     d = root / name.replace(":", "-")
     shutil.copytree(cuda_dir, d)
-    if name.startswith("pf"):
+    if name == "linear":
         return d
     if name.startswith("git:"):  # (needs a git checkout)
         for f in d.iterdir():
@@ -95,7 +95,7 @@ def main() -> None:
     variants, m_list = args.variants.split(","), [int(v) for v in args.m_list.split(",")]
     cfg = AtomConfig()
     root = Path(tempfile.mkdtemp(prefix="sm90-variants-"))
-    cuda_dir, prefetch = _loader.CUDA_DIR, cuda_ops.SM90_PREFETCH_STEPS
+    cuda_dir = _loader.CUDA_DIR
     dirs = {v: variant_dir(v, root, cuda_dir) for v in variants}
     rows = []
     for model, layer, n, k in SHAPES:
@@ -116,8 +116,7 @@ def main() -> None:
                 sets.append((x, qa, sa, packs[i % n_w]))
             for v in variants:
                 use_kernels(dirs[v])
-                if v.startswith("pf"):
-                    cuda_ops.SM90_PREFETCH_STEPS = int(v[2:])
+                if v == "linear":
                     def fn(x, qa, sa, wp, n=n, o=o, r=reorder):
                         return torch.ops.vllm_atom.atom_linear_sm90(x, wp, r, None, n, o, cfg.a_clip)
                 else:
@@ -132,7 +131,6 @@ def main() -> None:
         del packs
         torch.cuda.empty_cache()
     use_kernels(cuda_dir)
-    cuda_ops.SM90_PREFETCH_STEPS = prefetch
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),

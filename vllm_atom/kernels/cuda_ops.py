@@ -231,13 +231,7 @@ def _check_wpack(wpack: torch.Tensor, n: int, steps: int | None = None) -> tuple
     return g, has_o
 
 
-# Steps of weights a GEMM launched right after its activation quantization requests before it
-# waits for it (so they stream in while it runs); a GEMM on given activations requests none early
-# (queued first, they delay its activations).
-SM90_PREFETCH_STEPS = 16
-
-
-def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype, prefetch=0):
+def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     if qa.dtype != torch.int8 or qa.dim() != 3 or qa.shape[2] != layout.GROUP or not qa.is_contiguous():
         raise ValueError(f"w4a4_gemm_sm90: qa must be contiguous int8 [steps, M, 128], got {qa.dtype} "
                          f"{list(qa.shape)}")
@@ -261,8 +255,8 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype, prefetch=0):
     _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1),
                    (qa.data_ptr(), sa.data_ptr(), wpack.data_ptr(), 0 if bias is None else bias.data_ptr(),
                     out.data_ptr(), np.int32(m), np.int32(mp), np.int32(n), np.int32(g), np.int32(int(has_o)),
-                    np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split), np.int32(prefetch)),
-                   cfg.smem_bytes, dev, dependent=True)
+                    np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)),
+                   cfg.smem_bytes, dev, dependent=True)  # set up while the quantization runs
     return out
 
 
@@ -272,7 +266,7 @@ def w4a4_gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
 
 def atom_linear_sm90(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
     qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip, sm90=True)
-    return _gemm_sm90(qa, sa, wpack, bias, n, x.dtype, SM90_PREFETCH_STEPS)
+    return _gemm_sm90(qa, sa, wpack, bias, n, x.dtype)
 
 
 def prepare_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype: torch.dtype) -> None:
