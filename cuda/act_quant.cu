@@ -21,6 +21,7 @@
 // (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
 // Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
 // steps [y*steps_per_cta, (y+1)*steps_per_cta) of row blockIdx.x (a step = a group or the outliers).
+// Each CTA first lets a programmatically dependent kernel (the sm90 GEMM) start.
 #include "common.cuh"
 
 #define THREADS 256

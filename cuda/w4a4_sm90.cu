@@ -22,7 +22,8 @@
 // Tile: 64*WGC weight rows x BN tokens per CTA; WGC consumer warpgroups (64 rows each) and one
 // producer warpgroup (its registers handed to the consumers with setmaxnreg) whose first thread
 // streams each step (weights, activations, scales) into one of STAGES shared-memory stages with
-// bulk async copies.
+// bulk async copies, after griddepcontrol.wait (the host launches this kernel as a programmatic
+// dependent of the activation quantization, which lets it start at once).
 // Grid (tiles_m * tiles_n, CS), cluster (1, CS, 1); tiles rasterized in groups of 8 M-tiles.
 #include "sm90.cuh"
 
@@ -44,8 +45,8 @@
 #define P_LD (ROWS + 4)  // partial tile [BN][P_LD] fp32: conflict-free writes of the fragments
 #define NACC (BN / 2)
 #define GROUP_M 8
-#ifndef PINGPONG
-#define PINGPONG (WGC == 2 && BN >= 64)
+#ifndef PINGPONG  // 1: the two consumer warpgroups take turns on the tensor cores (measured slower)
+#define PINGPONG 0
 #endif
 // Per SM sub-partition (16,384 registers) one warp of each warpgroup.
 #define PRODUCER_REGS 56
@@ -199,9 +200,8 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   }
 
   // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile. With PINGPONG
-  // the two warpgroups take turns on the tensor cores: each issues a step's MMAs once the other's
-  // have completed (named barriers 2 and 3), so one folds while the other's MMAs run. Left to
-  // themselves both issue at once, their MMAs interleave and both fold at the same time.
+  // (WGC = 2) the two take turns on the tensor cores: each issues a step's MMAs once the other's
+  // have completed (named barriers 2 and 3), so that one folds while the other's MMAs run.
   setmaxnreg_inc<CONSUMER_REGS>();
   const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3;
   const WOffsets wo = weight_offsets(w, lane);

@@ -298,7 +298,8 @@ def summarize(rows, shapes, copy: float) -> dict:
                 out[f"{label} atom speedup vs {base}"] = round(geomean(sp), 3)
     tops = [2 * m * n * k / t[(m, n, k, "atom_gemm")] / 1e6 for m in (4096, 8192) for n, k in target
             if (m, n, k, "atom_gemm") in t]
-    out["M>=4096 atom_gemm TOPS (geomean)"] = round(geomean(tops), 1)
+    if tops:
+        out["M>=4096 atom_gemm TOPS (geomean)"] = round(geomean(tops), 1)
     by = {(r["M"], r["N"], r["K"], r["impl"]): r for r in rows}
     for m in (1, 16):
         bw = [by[(m, n, k, "atom")]["gbps"] for n, k in target if (m, n, k, "atom") in by]
@@ -307,7 +308,8 @@ def summarize(rows, shapes, copy: float) -> dict:
             out[f"M={m} atom weight stream / copy"] = round(geomean(bw) / copy, 3)
     bw = [by[(m, n, k, "atom_quant")]["gbps"] for m in (1024, 4096, 8192) for n, k in target
           if (m, n, k, "atom_quant") in by]
-    out["M>=1024 atom_quant GB/s (geomean)"] = round(geomean(bw), 1)
+    if bw:
+        out["M>=1024 atom_quant GB/s (geomean)"] = round(geomean(bw), 1)
     return out
 
 

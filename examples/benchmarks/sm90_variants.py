@@ -8,7 +8,7 @@ The results are wrong by construction for every variant but "base": they only bo
     nomma    no wgmma is issued; the fold runs on the weight registers (the fold + load ceiling)
     noact    the activation tile is not copied (no activation traffic from L2)
     stream   nofold + nomma: the producer's copies and the barriers alone
-    pp0      PINGPONG off: the two consumer warpgroups issue their MMAs without taking turns
+    pp1      PINGPONG on: two consumer warpgroups take turns issuing their MMAs
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
@@ -50,7 +50,7 @@ PATCHES = {
     "nomma": [(ISSUE, NO_MMA)],
     "noact": [(EXPECT, "WGC * wbytes + srows * 4"), (ACT_COPY, "")],
     "stream": [(ISSUE, NO_MMA), (FOLD, NO_FOLD)],
-    "pp0": [("#define PINGPONG (WGC == 2 && BN >= 64)", "#define PINGPONG 0")],
+    "pp1": [("#define PINGPONG 0\n", "#define PINGPONG (WGC == 2)\n")],
 }
 SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096),
           ("llama-2-70b", "down", 8192, 28672)]
