@@ -77,3 +77,37 @@ def test_dead_channels_and_fallback():
     assert res.fallback and "RTN" in res.fallback
     for a, b in zip(res.weight, rtn_quantize(w, 128)):
         assert torch.equal(a, b)
+
+
+def _group_err(w, q, cw=None):
+    d = w - ref.dequantize_weight(q)[:, :w.shape[1]]
+    cw = torch.ones(w.shape[1]) if cw is None else cw
+    return (d * d * cw).unflatten(1, (-1, 128)).sum(-1)
+
+
+def test_clip_search_is_never_worse_than_any_fixed_ratio():
+    from vllm_atom.quantize.gptq import CLIP_RATIOS, searched_group_scale
+    w, x, h = _layer(k=512)
+    cw = torch.diag(h)
+    scale = searched_group_scale(w, 128, cw)
+    assert scale.dtype == torch.float16 and scale.shape == (64, 4) and bool((scale > 0).all())
+    q = ref.QuantizedWeight(ref.quantize_weight_groups(w, scale), scale, *ref.quantize_outlier_weight(w[:, :0]))
+    err = _group_err(w, q, cw)
+    for r in CLIP_RATIOS:
+        fixed = ref.quantize_weight(w, torch.arange(512), 0, 128, r)
+        assert bool((err <= _group_err(w, fixed, cw)).all()), r
+    # some groups pick another ratio than the default 0.85 (else the search would be moot)
+    default = ref.weight_group_scale(w, 128, 0.85)
+    assert bool((scale != default).any())
+
+
+@pytest.mark.parametrize("n_outliers", [0, 128])
+def test_clip_search_rtn_and_gptq(n_outliers):
+    w, x, h = _layer()
+    kn = w.shape[1] - n_outliers
+    r0, r1 = rtn_quantize(w, n_outliers), rtn_quantize(w, n_outliers, clip_search=True)
+    assert bool((_group_err(w[:, :kn], r1) <= _group_err(w[:, :kn], r0)).all())
+    assert torch.equal(r0.q_outlier, r1.q_outlier)  # the INT8 block does not change
+    g = gptq_quantize(w, h, n_outliers, clip_search=True).weight
+    assert int(g.q.min()) >= -8 and int(g.q.max()) <= 7 and g.scale.dtype == torch.float16
+    assert layer_loss(w, ref.dequantize_weight(g), h) <= layer_loss(w, ref.dequantize_weight(r1), h)

@@ -72,7 +72,7 @@ def _quantize(args) -> int:
                      kv_skip_layers=skip)
     opts = QuantizeOptions(nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                            metric=args.metric, gptq=not args.no_gptq, damp=args.damp,
-                           seed=args.seed, kv_skip_threshold=threshold)
+                           clip_search=args.w_clip_search, seed=args.seed, kv_skip_threshold=threshold)
     report = quantize(args.model_dir, args.out_dir, _text_path(args.calib_text), cfg, opts)
     print(json.dumps(vars(report), indent=2))
     return 0
@@ -155,6 +155,9 @@ def build_parser() -> Parser:
                    help="activation clip ratio")
     q.add_argument("--w-clip", type=Number(float, 0, 1, lo_open=True), default=0.85,
                    help="weight clip ratio")
+    q.add_argument("--w-clip-search", action="store_true",
+                   help="choose each weight group's clip ratio (0.6-1.0) by its rounding error, "
+                        "weighted by the input's second moments, instead of --w-clip")
     q.add_argument("--kv-smooth", type=Number(float, 0, 1), default=0.5,
                    help="key smoothing exponent folded into q_proj/k_proj (0 = off)")
     q.add_argument("--kv-skip-layers", type=_kv_skip_arg, default="",

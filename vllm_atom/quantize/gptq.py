@@ -11,6 +11,11 @@ later column, including the outlier columns, which are then INT8-RTN quantized p
 
 If H is not positive definite even after extra damping, the linear falls back to RTN
 and the reason is returned (and logged by the caller).
+
+With ``clip_search`` each group's scale is instead the best of `CLIP_RATIOS` * absmax / 7:
+the one with the least squared rounding error of the group, each column weighted by its
+Hessian diagonal (the input's second moment; all ones for RTN). The on-disk format is the same
+(any fp16 group scale).
 """
 
 from __future__ import annotations
@@ -30,11 +35,41 @@ class GPTQResult(NamedTuple):
     fallback: Optional[str]  # None, or why RTN was used instead
 
 
+# Clip ratios the per-group search tries (absmax / 7 times each).
+CLIP_RATIOS = tuple(round(0.6 + 0.025 * i, 3) for i in range(17))  # 0.6 .. 1.0
+
+
+def searched_group_scale(w: torch.Tensor, group_size: int, col_weight: Optional[torch.Tensor] = None,
+                         ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """fp16 group scales [N, Kn/G] of w [N, Kn]: per group the candidate
+    ``fp16(r * absmax / 7)`` (r in ``ratios``) whose INT4 rounding error
+    sum_k col_weight[k] * (w - q * scale)^2 is least (ties: the first ratio)."""
+    n, kn = w.shape
+    w = w.float()
+    cw = torch.ones(kn, device=w.device) if col_weight is None else col_weight.float().clamp_min(0)
+    best_err = torch.full((n, kn // group_size), float("inf"), device=w.device)
+    best = torch.zeros(n, kn // group_size, dtype=torch.float16, device=w.device)
+    for r in ratios:
+        scale = ref.weight_group_scale(w, group_size, r)
+        q = ref.quantize_weight_groups(w, scale)
+        d = w - (q.float().unflatten(1, (-1, group_size)) * scale.float()[..., None]).flatten(1)
+        err = (d * d * cw).unflatten(1, (-1, group_size)).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    return best
+
+
 def rtn_quantize(w: torch.Tensor, n_outliers: int, group_size: int = 128,
-                 w_clip: float = 0.85) -> ref.QuantizedWeight:
+                 w_clip: float = 0.85, clip_search: bool = False) -> ref.QuantizedWeight:
     """RTN of w [N, K] that is already in slot order."""
     ident = torch.arange(w.shape[1], device=w.device)
-    return ref.quantize_weight(w, ident, n_outliers, group_size, w_clip)
+    if not clip_search:
+        return ref.quantize_weight(w, ident, n_outliers, group_size, w_clip)
+    kn = w.shape[1] - n_outliers
+    scale = searched_group_scale(w[:, :kn], group_size)
+    qo, oscale = ref.quantize_outlier_weight(w[:, kn:].float())
+    return ref.QuantizedWeight(ref.quantize_weight_groups(w[:, :kn], scale), scale, qo, oscale)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -56,7 +91,8 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_outliers: int, group_size: int = 128,
-                  w_clip: float = 0.85, damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+                  w_clip: float = 0.85, damp: float = 0.01, block_size: int = 128,
+                  clip_search: bool = False) -> GPTQResult:
     """Quantize w [N, K] (slot order) with Hessian h [K, K] (slot order).
 
     Returns the runtime tensors of one shard (`reference.QuantizedWeight`).
@@ -72,10 +108,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_outliers: int, group_size:
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    hdiag = torch.diag(h).clone()
     try:
         u = _inverse_hessian_factor(h, damp)
     except torch.linalg.LinAlgError as e:
-        return GPTQResult(rtn_quantize(w, n_outliers, group_size, w_clip), f"RTN fallback: {e}")
+        return GPTQResult(rtn_quantize(w, n_outliers, group_size, w_clip, clip_search), f"RTN fallback: {e}")
 
     q = torch.zeros(n, kn, dtype=torch.int8, device=w.device)
     scales = torch.zeros(n, kn // group_size, dtype=torch.float16, device=w.device)
@@ -88,7 +125,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, n_outliers: int, group_size:
         for j in range(i2 - i1):
             if j % group_size == 0:
                 g = (i1 + j) // group_size
-                scales[:, g] = ref.weight_group_scale(w1[:, j:j + group_size], group_size, w_clip)[:, 0]
+                grp = w1[:, j:j + group_size]
+                scales[:, g] = (searched_group_scale(grp, group_size, hdiag[i1 + j:i1 + j + group_size])
+                                if clip_search else ref.weight_group_scale(grp, group_size, w_clip))[:, 0]
                 scale = scales[:, g].float()
             col = w1[:, j]
             qj = ref.quantize_sym(col, scale, ref.INT4_MAX)

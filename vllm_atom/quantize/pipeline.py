@@ -67,6 +67,7 @@ class QuantizeOptions:
     gptq: bool = True
     damp: float = 0.01
     block_size: int = 128
+    clip_search: bool = False  # per-group weight clip ratio searched (gptq.searched_group_scale)
     seed: int = 0
     max_shard_bytes: int = 2 << 30
     # keep a layer's KV cache 16-bit when INT4 K/V change its attention output by more than
@@ -305,13 +306,13 @@ def quantize_shards(w: torch.Tensor, h: Optional[torch.Tensor], s: ActScheme, cf
     for si, sl in s.shard_slices(w.shape[1]):
         if h is not None:
             res = gptq_quantize(w[:, sl], h[sl, sl], s.n_outliers, cfg.group_size,
-                                cfg.w_clip, opts.damp, opts.block_size)
+                                cfg.w_clip, opts.damp, opts.block_size, opts.clip_search)
             if res.fallback:
                 notes.append(f"{prefix}.{m} shard {si}: {res.fallback}")
                 log.warning("%s.%s shard %d: %s", prefix, m, si, res.fallback)
             shard_q.append(res.weight)
         else:
-            shard_q.append(rtn_quantize(w[:, sl], s.n_outliers, cfg.group_size, cfg.w_clip))
+            shard_q.append(rtn_quantize(w[:, sl], s.n_outliers, cfg.group_size, cfg.w_clip, opts.clip_search))
     return shard_q
 
 
