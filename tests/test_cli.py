@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_atom.cli import main
 
@@ -40,6 +41,22 @@ def test_cli_quantize_and_eval(tiny, tmp_path, capsys):
     rows = json.loads(res.read_text())
     assert [(r["method"], r["pipeline"]) for r in rows] == [
         ("fp16", "fp32"), ("rtn", "fp32"), ("atom-kv4", "fp32"), ("atom-kv4", "16bit")]
+
+
+def test_cli_w_clip_search_reaches_the_quantizer(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    scales = []
+    for extra in ([], ["--w-clip-search"]):
+        out = tmp_path / f"q{len(extra)}"
+        assert main(["quantize", str(tiny), str(out), "--calib-text", str(tiny / "calib.txt"),
+                     "--nsamples", "4", "--seqlen", "128", *extra]) == 0
+        t = {}
+        for f in sorted(out.glob("*.safetensors")):
+            t.update(load_file(str(f)))
+        scales.append({k: v for k, v in t.items() if k.endswith(".w_scale")})
+    assert scales[0].keys() == scales[1].keys() and scales[0]
+    assert any(not torch.equal(scales[0][k], scales[1][k]) for k in scales[0])
 
 
 def test_cli_errors_exit_2(tiny, tmp_path, capsys):
