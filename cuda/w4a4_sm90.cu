@@ -54,6 +54,7 @@
 
 static_assert(BN * P_LD * 4 <= STAGES * STAGE_BYTES, "partial tile does not fit in the stages");
 static_assert(ROWS % (2 * CS) == 0, "rows do not split over the cluster");
+static_assert(!PINGPONG || WGC == 2, "PINGPONG takes turns between two consumer warpgroups");
 
 #if CS > 1
 #define CLUSTER_ATTR __cluster_dims__(1, CS, 1)
