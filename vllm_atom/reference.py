@@ -118,6 +118,12 @@ def quantize_weight_groups(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return quantize_sym(w.float().unflatten(1, (-1, g)), scale.float()[..., None], INT4_MAX).flatten(1)
 
 
+def dequantize_weight_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, Kn] of INT4 values q [N, Kn] and fp16 group scales [N, Kn/G]."""
+    g = q.shape[1] // scale.shape[1]
+    return (q.float().unflatten(1, (-1, g)) * scale.float()[..., None]).flatten(1)
+
+
 def quantize_outlier_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 per-row quantization of outlier columns w [N, O] -> (int8 [N, O], fp16 scale [N])."""
     if w.shape[1] == 0:
@@ -127,14 +133,16 @@ def quantize_outlier_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_weight(w: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
-                    group_size: int = 128, clip: float = 0.85) -> QuantizedWeight:
+                    group_size: int = 128, clip: float = 0.85, scale: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest Atom weight quantization of one shard (no GPTQ).
 
-    w: [N, K] float in original channel order; reorder_index: int [K].
+    w: [N, K] float in original channel order; reorder_index: int [K]; ``scale``: fp16 group
+    scales [N, (K-O)/G] to round on instead of ``clip * absmax / 7``.
     """
     wr = w.float().index_select(1, reorder_index.to(w.device, torch.long))
     kn = w.shape[1] - n_outliers
-    scale = weight_group_scale(wr[:, :kn], group_size, clip)
+    if scale is None:
+        scale = weight_group_scale(wr[:, :kn], group_size, clip)
     q = quantize_weight_groups(wr[:, :kn], scale)
     qo, oscale = quantize_outlier_weight(wr[:, kn:])
     return QuantizedWeight(q, scale, qo, oscale)
@@ -149,9 +157,8 @@ def dequantize_activation(a: QuantizedActivation) -> torch.Tensor:
 
 def dequantize_weight(w: QuantizedWeight) -> torch.Tensor:
     """fp32 [N, K] in slot order."""
-    g = w.q.shape[1] // w.scale.shape[1]
-    wn = (w.q.float().unflatten(1, (-1, g)) * w.scale.float()[..., None]).flatten(1)
-    return torch.cat([wn, w.q_outlier.float() * w.outlier_scale.float()[:, None]], 1)
+    outliers = w.q_outlier.float() * w.outlier_scale.float()[:, None]
+    return torch.cat([dequantize_weight_groups(w.q, w.scale), outliers], 1)
 
 
 def w4a4_linear_exact(a: QuantizedActivation, w: QuantizedWeight, bias: torch.Tensor | None = None,

@@ -52,7 +52,7 @@ def searched_group_scale(w: torch.Tensor, group_size: int, col_weight: Optional[
     for r in ratios:
         scale = ref.weight_group_scale(w, group_size, r)
         q = ref.quantize_weight_groups(w, scale)
-        d = w - (q.float().unflatten(1, (-1, group_size)) * scale.float()[..., None]).flatten(1)
+        d = w - ref.dequantize_weight_groups(q, scale)
         err = (d * d * cw).unflatten(1, (-1, group_size)).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -64,12 +64,8 @@ def rtn_quantize(w: torch.Tensor, n_outliers: int, group_size: int = 128,
                  w_clip: float = 0.85, clip_search: bool = False) -> ref.QuantizedWeight:
     """RTN of w [N, K] that is already in slot order."""
     ident = torch.arange(w.shape[1], device=w.device)
-    if not clip_search:
-        return ref.quantize_weight(w, ident, n_outliers, group_size, w_clip)
-    kn = w.shape[1] - n_outliers
-    scale = searched_group_scale(w[:, :kn], group_size)
-    qo, oscale = ref.quantize_outlier_weight(w[:, kn:].float())
-    return ref.QuantizedWeight(ref.quantize_weight_groups(w[:, :kn], scale), scale, qo, oscale)
+    scale = searched_group_scale(w[:, :w.shape[1] - n_outliers], group_size) if clip_search else None
+    return ref.quantize_weight(w, ident, n_outliers, group_size, w_clip, scale)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
