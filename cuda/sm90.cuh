@@ -179,6 +179,13 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
+// The same barrier without the release (no fence on the stores before it: ptxas makes that a
+// GPU-scope MEMBAR): to wait until the other CTAs are done reading this one's shared memory,
+// since their reads completed before they arrived.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
 // The float at the same shared-memory offset as `p` in CTA `rank` of this cluster.
 __device__ __forceinline__ float2 ld_cluster_f2(const void* p, u32 rank) {
   u32 remote;

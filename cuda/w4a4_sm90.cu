@@ -19,7 +19,9 @@
 // CS CTAs of a cluster split the steps and their partial tiles are summed in rank order
 // through distributed shared memory; then bias and rounding to T. The same arithmetic as
 // w4a4_gemm.cu, step by step.
-// Tile: 64*WGC weight rows x BN tokens per CTA; WGC consumer warpgroups (64 rows each) and one
+// Tile: 64*WGC weight rows x BN tokens per CTA (WGC = 1..4; the last tile may hold fewer than WGC
+// of the `slabs` 64-row slabs: the warpgroups past the end compute on whatever their stage memory
+// holds and store nothing); WGC consumer warpgroups (64 rows each) and one
 // producer warpgroup (its registers handed to the consumers with setmaxnreg) whose first thread
 // streams each step (weights, activations, scales) into one of STAGES shared-memory stages with
 // bulk async copies, after griddepcontrol.wait (the host launches this kernel as a programmatic
@@ -48,12 +50,28 @@
 #ifndef PINGPONG  // 1: the two consumer warpgroups take turns on the tensor cores (measured slower)
 #define PINGPONG 0
 #endif
-// Per SM sub-partition (16,384 registers) one warp of each warpgroup.
+// Registers per thread after setmaxnreg: the CTA's 65,536 (launch bounds: 65536 / THREADS each,
+// a multiple of 8) shared as 128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS.
+#if WGC == 1
 #define PRODUCER_REGS 56
-#define CONSUMER_REGS (WGC == 2 ? 224 : 256)
+#define CONSUMER_REGS 256
+#elif WGC == 2
+#define PRODUCER_REGS 56
+#define CONSUMER_REGS 224
+#elif WGC == 3
+#define PRODUCER_REGS 56
+#define CONSUMER_REGS 152
+#elif WGC == 4
+#define PRODUCER_REGS 56
+#define CONSUMER_REGS 104
+#else
+#error "WGC must be 1..4"
+#endif
 
 static_assert(BN * P_LD * 4 <= STAGES * STAGE_BYTES, "partial tile does not fit in the stages");
 static_assert(ROWS % (2 * CS) == 0, "rows do not split over the cluster");
+static_assert(128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS <= 65536 / THREADS / 8 * 8 * THREADS,
+              "setmaxnreg asks for more registers than the CTA holds");
 static_assert(!PINGPONG || WGC == 2, "PINGPONG takes turns between two consumer warpgroups");
 
 #if CS > 1
@@ -141,7 +159,7 @@ __device__ __forceinline__ void fold(float (&acc)[WIDTH / 2], const int (&c)[WID
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
 w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
           const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
-          int tiles_m, int tiles_n, int steps_per_split) {
+          int slabs, int tiles_m, int tiles_n, int steps_per_split) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Stages start 1024-byte aligned (the swizzle pattern is a function of the address); the
   // host allocates SMEM_BYTES = STAGES * STAGE_BYTES + 1024 + 16 * STAGES.
@@ -175,6 +193,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     if (warp == 4 * WGC && lane == 0) {
       const u64 keep = policy_evict_last(), stream = policy_evict_first();
       const int rows = min(BN, M - m0), srows = min(BN, Mp - m0);
+      const int wgs = min(WGC, slabs - tn * WGC);  // slabs of this tile
       // After a programmatic dependent launch this CTA is set up while the activation
       // quantization still runs; everything it reads from here on may be that kernel's output.
       grid_dependency_wait();
@@ -183,19 +202,19 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
         if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
         const u32 wbytes = j == G ? CHUNK8 : CHUNK4;
         unsigned char* st = smem + s * STAGE_BYTES;
-        mbar_arrive_expect_tx(&full[s], WGC * wbytes + rows * 128 + srows * 4);
+        mbar_arrive_expect_tx(&full[s], wgs * wbytes + rows * 128 + srows * 4);
+        const unsigned char* wsrc = wpack + (size_t)tn * WGC * slab + (size_t)j * CHUNK4;
 #pragma unroll
         for (int w = 0; w < WGC; ++w)
-          bulk_copy(st + W_OFF + w * CHUNK8, wpack + (tn * WGC + w) * slab + (size_t)j * CHUNK4, wbytes, &full[s],
-                    stream);
+          if (w < wgs) bulk_copy(st + W_OFF + w * CHUNK8, wsrc + w * slab, wbytes, &full[s], stream);
         bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
         bulk_copy(st + SA_OFF, sa + (size_t)j * Mp + m0, srows * 4, &full[s], keep);
       }
     }
 #if CS > 1
     __syncwarp();
-    cluster_sync();  // the consumers' partial tiles are written
-    cluster_sync();  // and read
+    cluster_sync_relaxed();  // the consumers' partial tiles are written (the producer wrote nothing)
+    cluster_sync_relaxed();  // and read
 #endif
     return;
   }
@@ -279,6 +298,6 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     }
   }
 #if CS > 1
-  cluster_sync();  // keep this CTA's shared memory alive until every rank has read it
+  cluster_sync_relaxed();  // keep this CTA's shared memory alive until every rank has read it
 #endif
 }

@@ -50,6 +50,15 @@ def test_cluster_slots_limit_the_split():
     assert gp.sm90_cost(m, n, steps, c2, slots[2]) > 0
 
 
+def test_wide_tiles_come_from_the_table(monkeypatch):
+    """Three and four warpgroups (192- and 256-row tiles) only where the sweep measured them."""
+    assert gp.sm90_plan(1, 22016, 4096, 33, 132)[0].wgc == gp.SM90_TUNED[(8, 22016, 4096)][0] == 3
+    monkeypatch.delitem(gp.SM90_TUNED, (8, 22016, 4096))
+    assert gp.sm90_plan(1, 22016, 4096, 33, 132)[0].wgc <= 2
+    assert all(wgc in gp.sm90_wgcs(bn) for (bn, _, _), (wgc, _) in gp.SM90_TUNED.items())
+    assert gp.sm90_wgcs(128) == (2,) and gp.sm90_wgcs(8) == (1, 2, 3, 4)
+
+
 def test_mma_plan_unchanged():
     cfg, splits, per = gp.gemm_plan(1, 4096, 32, 132)
     assert cfg == "small" and splits * per >= 32 and math.ceil(32 / per) == splits

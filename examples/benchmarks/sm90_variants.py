@@ -40,7 +40,7 @@ from vllm_atom.kernels import _loader, cuda_ops, layout  # noqa: E402  (bench_ge
 
 ISSUE = "    issue<BN>(c, a, smem_addr(smem + so));\n"
 FOLD = "    fold<BN>(acc, c, sw, fa);\n"
-EXPECT = "WGC * wbytes + rows * 128 + srows * 4"
+EXPECT = "wgs * wbytes + rows * 128 + srows * 4"
 ACT_COPY = "        bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);\n"
 NO_MMA = ("#pragma unroll\n    for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n")
 NO_FOLD = "    if (c[0] == 0x7fffffff) acc[0] += sw[0] * fa[0].x;\n"
@@ -48,12 +48,12 @@ PATCHES = {
     "base": [],
     "nofold": [(FOLD, NO_FOLD)],
     "nomma": [(ISSUE, NO_MMA)],
-    "noact": [(EXPECT, "WGC * wbytes + srows * 4"), (ACT_COPY, "")],
+    "noact": [(EXPECT, "wgs * wbytes + srows * 4"), (ACT_COPY, "")],
     "stream": [(ISSUE, NO_MMA), (FOLD, NO_FOLD)],
     "pp1": [("#define PINGPONG 0\n", "#define PINGPONG (WGC == 2)\n")],
 }
 SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096),
-          ("llama-2-70b", "down", 8192, 28672)]
+          ("llama-2-70b", "gate_up", 57344, 8192), ("llama-2-70b", "down", 8192, 28672)]
 
 
 def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:

@@ -67,13 +67,12 @@ def test_atom_linear_sm90(m, shape):
 
 
 @pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
-@pytest.mark.parametrize("wgc", [1, 2])
-@pytest.mark.parametrize("m", [1, 16, 64, 200])
+@pytest.mark.parametrize("m,wgc", [(m, wgc) for m in (1, 16, 33, 64, 200)
+                                   for wgc in gemm_plan.sm90_wgcs(gemm_plan.sm90_width(m))])
 def test_every_cluster_split(m, wgc, cs, monkeypatch):
     """The config is a table entry: force each (warpgroups, split): the DSMEM reduction of 1, 2,
-    4, 8 partials, 64- and 128-row tiles."""
-    if wgc == 1 and m > 64:
-        pytest.skip("one consumer warpgroup only for the decode widths")
+    4, 8 partials, tiles of 64 to 256 rows (N = 4096 is 64 slabs: with 3 warpgroups the last
+    tile holds one slab)."""
     n, k = SHAPES["llama2-7b-down"]
     o = outliers(k)
     x, idx = make_input(m, k)

@@ -250,12 +250,13 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
         return out
     k = layout.GROUP * steps
     cfg, per_split = sm90_plan(m, n, k, steps, sms, _cluster_slots(dev))
-    tiles_m, tiles_n = math.ceil(m / cfg.bn), wpack.shape[0] * layout.SLAB_ROWS // cfg.rows
+    slabs = wpack.shape[0]
+    tiles_m, tiles_n = math.ceil(m / cfg.bn), math.ceil(slabs / cfg.wgc)
     fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(out_dtype), dev)
     _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1),
                    (qa.data_ptr(), sa.data_ptr(), wpack.data_ptr(), 0 if bias is None else bias.data_ptr(),
                     out.data_ptr(), np.int32(m), np.int32(mp), np.int32(n), np.int32(g), np.int32(int(has_o)),
-                    np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)),
+                    np.int32(slabs), np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)),
                    cfg.smem_bytes, dev, dependent=True)  # set up while the quantization runs
     return out
 

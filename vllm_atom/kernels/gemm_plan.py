@@ -83,6 +83,15 @@ class Sm90Config(NamedTuple):
 
 SM90_WIDTHS = (8, 16, 32, 64, 128)
 SM90_SPLITS = (1, 2, 4, 8)
+# Consumer warpgroups a width can have: the accumulators of a warpgroup grow with the width and
+# more warpgroups leave fewer registers each (cuda/w4a4_sm90.cu, CONSUMER_REGS); past these ptxas spills.
+SM90_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 3, 128: 2}
+
+
+def sm90_wgcs(bn: int) -> tuple[int, ...]:
+    """The consumer warpgroup counts (64 weight rows each) the kernel compiles for width ``bn``;
+    one is only for the decode widths (a 64-row tile of 128 tokens leaves the tensor cores idle)."""
+    return tuple(range(1 if bn <= 64 else 2, SM90_MAX_WGC[bn] + 1))
 
 
 def sm90_width(m: int) -> int:
@@ -98,23 +107,24 @@ def sm90_stages(bn: int, wgc: int = 2) -> int:
     raise ValueError(f"no sm90 pipeline fits for BN={bn}")
 
 
-# Measured best (wgc, cluster split) for (M bucket = wgmma N, N, K) on an H200: the fastest row of
-# `examples/benchmarks/bench_gemm.py --sweep-splits` (commit a2429ae, results/gemm-sweep-h200.json;
-# widths 8-32 ran the shipped kernel, width 64 a since-reverted variant). Llama-2-7B / Llama-3-8B
-# / Llama-2-70B layers at TP=1; other shapes and widths use the model below.
+# Measured best (wgc, cluster split) for (M bucket = wgmma N, N, K) on an H200: per entry the config
+# with the least geometric mean time over two `examples/benchmarks/bench_gemm.py --sweep-splits
+# --m-list 1,16,32,64` runs of every (WGC 1-4, CS) (2026-12-02, results/gemm-sweep-wgc-h200-{a,b}.json:
+# the kernel of this table but for its producer loop, see cuda/NOTES.md v3.4). Llama-2-7B /
+# Llama-3-8B / Llama-2-70B layers at TP=1; other shapes and widths use the model below.
 SM90_TUNED: dict[tuple[int, int, int], tuple[int, int]] = {  # (bn, N, K): (wgc, cs)
-    (8, 4096, 4096): (1, 2), (8, 4096, 11008): (1, 2), (8, 4096, 14336): (1, 2), (8, 6144, 4096): (2, 2),
-    (8, 8192, 8192): (2, 2), (8, 8192, 28672): (2, 2), (8, 10240, 8192): (2, 1), (8, 12288, 4096): (2, 1),
-    (8, 22016, 4096): (2, 2), (8, 28672, 4096): (2, 1), (8, 57344, 8192): (2, 1),
-    (16, 4096, 4096): (1, 2), (16, 4096, 11008): (1, 2), (16, 4096, 14336): (1, 2), (16, 6144, 4096): (2, 2),
-    (16, 8192, 8192): (2, 2), (16, 8192, 28672): (2, 2), (16, 10240, 8192): (2, 1), (16, 12288, 4096): (2, 1),
-    (16, 22016, 4096): (2, 2), (16, 28672, 4096): (2, 1), (16, 57344, 8192): (2, 1),
-    (32, 4096, 4096): (1, 2), (32, 4096, 11008): (1, 2), (32, 4096, 14336): (1, 2), (32, 6144, 4096): (2, 2),
-    (32, 8192, 8192): (2, 2), (32, 8192, 28672): (2, 2), (32, 10240, 8192): (2, 1), (32, 12288, 4096): (2, 1),
-    (32, 22016, 4096): (2, 1), (32, 28672, 4096): (2, 1), (32, 57344, 8192): (2, 1),
+    (8, 4096, 4096): (3, 4), (8, 4096, 11008): (1, 2), (8, 4096, 14336): (1, 2), (8, 6144, 4096): (4, 4),
+    (8, 8192, 8192): (2, 2), (8, 8192, 28672): (2, 2), (8, 10240, 8192): (3, 2), (8, 12288, 4096): (3, 2),
+    (8, 22016, 4096): (3, 1), (8, 28672, 4096): (4, 1), (8, 57344, 8192): (4, 1),
+    (16, 4096, 4096): (1, 2), (16, 4096, 11008): (1, 2), (16, 4096, 14336): (1, 2), (16, 6144, 4096): (4, 4),
+    (16, 8192, 8192): (2, 2), (16, 8192, 28672): (2, 2), (16, 10240, 8192): (3, 2), (16, 12288, 4096): (3, 2),
+    (16, 22016, 4096): (3, 1), (16, 28672, 4096): (4, 1), (16, 57344, 8192): (4, 1),
+    (32, 4096, 4096): (1, 2), (32, 4096, 11008): (1, 2), (32, 4096, 14336): (1, 2), (32, 6144, 4096): (4, 4),
+    (32, 8192, 8192): (2, 2), (32, 8192, 28672): (2, 2), (32, 10240, 8192): (3, 2), (32, 12288, 4096): (3, 2),
+    (32, 22016, 4096): (3, 1), (32, 28672, 4096): (4, 1), (32, 57344, 8192): (4, 1),
     (64, 4096, 4096): (1, 2), (64, 4096, 11008): (1, 2), (64, 4096, 14336): (1, 2), (64, 6144, 4096): (2, 2),
-    (64, 8192, 8192): (2, 2), (64, 8192, 28672): (2, 2), (64, 10240, 8192): (2, 1), (64, 12288, 4096): (2, 1),
-    (64, 22016, 4096): (2, 2), (64, 28672, 4096): (2, 1), (64, 57344, 8192): (2, 1),
+    (64, 8192, 8192): (2, 2), (64, 8192, 28672): (2, 2), (64, 10240, 8192): (3, 2), (64, 12288, 4096): (3, 2),
+    (64, 22016, 4096): (3, 1), (64, 28672, 4096): (2, 1), (64, 57344, 8192): (2, 1),
 }
 
 # The wave model: a CTA streams its steps at up to SM_GBPS; all CTAs together at up to HBM_GBPS;
@@ -138,8 +148,7 @@ def sm90_cost(m: int, n: int, steps: int, cfg: "Sm90Config", slots: int) -> floa
 
 def sm90_candidates(m: int) -> list[Sm90Config]:
     bn = sm90_width(m)
-    wgcs = (1, 2) if bn <= 64 else (2,)
-    return [Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs) for wgc in wgcs for cs in SM90_SPLITS]
+    return [Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs) for wgc in sm90_wgcs(bn) for cs in SM90_SPLITS]
 
 
 def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
@@ -154,7 +163,8 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
         wgc, cs = tuned
         cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs)
     else:
-        ok = [c for c in sm90_candidates(m) if c.cs == 1 or steps >= 2 * c.cs]
+        # (the model was fitted to one and two warpgroups; more come only from the table)
+        ok = [c for c in sm90_candidates(m) if c.wgc <= 2 and (c.cs == 1 or steps >= 2 * c.cs)]
         cfg = min(ok, key=lambda c: (sm90_cost(m, n, steps, c, slots[c.cs]), c.cs, -c.wgc))
     while cfg.cs > 1 and steps < 2 * cfg.cs:
         cfg = cfg._replace(cs=cfg.cs // 2)
