@@ -3,7 +3,8 @@
 # 128 + 128) and `vllm bench throughput` (300 x 512/256) for FP8 W8A8 + FP8 KV and Atom + INT4 KV
 # on the Llama-2-7B shape (examples/benchmarks/bench_vllm.sh), each step under a timeout.
 #     bash tests/gpu/e2e_bench_session.sh        (with .devbundle carried; BUDGET seconds, default 500;
-#                                                TESTS=0 skips the kernel tests)
+#                                                TESTS=0 skips the kernel tests; STEPS="CONFIG LATENCY ..."
+#                                                picks and orders the runs)
 set -uo pipefail
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 t0=$(date +%s); BUDGET=${BUDGET:-500}
@@ -14,7 +15,8 @@ if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0: the benchmarks only (the tests ran in
     timeout 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_sm90.py tests/gpu/test_kernels.py > "$OUT/tests.log" 2>&1
     echo "tests rc=$? $(tail -1 "$OUT/tests.log")  ($(( $(date +%s) - t0 ))s)"
 fi
-for step in "fp8 1" "atom-kv4 1" "fp8 0" "atom-kv4 0"; do
+IFS=, read -ra steps <<< "${STEPS:-fp8 1,atom-kv4 1,fp8 0,atom-kv4 0}"
+for step in "${steps[@]}"; do
     set -- $step
     l=$(left); (( l < 60 )) && { echo "skip $1 latency=$2 (budget)"; continue; }
     if [ "$2" = 1 ]; then tag=lat; else tag=tp; fi
