@@ -19,9 +19,11 @@
 // CS CTAs of a cluster split the steps and their partial tiles are summed in rank order
 // through distributed shared memory; then bias and rounding to T. The same arithmetic as
 // w4a4_gemm.cu, step by step.
-// Tile: 64*WGC weight rows x BN tokens per CTA (WGC = 1..4; the last tile may hold fewer than WGC
-// of the `slabs` 64-row slabs: the warpgroups past the end compute on whatever their stage memory
-// holds and store nothing); WGC consumer warpgroups (64 rows each) and one
+// Tile: 64*SL weight rows (SL = WGC / KS slabs of 64) x BN tokens per CTA; WGC = 1..4 consumer
+// warpgroups, KS of them on each slab taking alternate steps (KS = 2: a K split inside the CTA,
+// the partial sums added in the epilogue, half 0 + half 1); the last tile may hold fewer than SL
+// of the `slabs` slabs: the warpgroups past the end compute on whatever their stage memory holds
+// and store nothing; and one
 // producer warpgroup (its registers handed to the consumers with setmaxnreg) whose first thread
 // streams each step (weights, activations, scales) into one of STAGES shared-memory stages with
 // bulk async copies, after griddepcontrol.wait (the host launches this kernel as a programmatic
@@ -36,13 +38,17 @@
 #define CS 1
 #endif
 
-#define ROWS (64 * WGC)
+#ifndef KS  // consumer warpgroups per slab (1 or 2)
+#define KS 1
+#endif
+#define SL (WGC / KS)  // 64-row slabs per tile
+#define ROWS (64 * SL)
 #define THREADS (128 * WGC + 128)
 #define CHUNK4 4224  // 64 rows x 64 bytes of INT4 fragments + 64 fp16 scales
 #define CHUNK8 8320  // 64 rows x 128 bytes of INT8 fragments + 64 fp16 scales
 #define ACT_BYTES (BN * 128)
 #define W_OFF ACT_BYTES
-#define SA_OFF (W_OFF + WGC * CHUNK8)
+#define SA_OFF (W_OFF + SL * CHUNK8)
 #define STAGE_BYTES ((SA_OFF + BN * 4 + 1023) / 1024 * 1024)
 #define P_LD (ROWS + 4)  // partial tile [BN][P_LD] fp32: conflict-free writes of the fragments
 #define NACC (BN / 2)
@@ -72,7 +78,8 @@ static_assert(BN * P_LD * 4 <= STAGES * STAGE_BYTES, "partial tile does not fit 
 static_assert(ROWS % (2 * CS) == 0, "rows do not split over the cluster");
 static_assert(128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS <= 65536 / THREADS / 8 * 8 * THREADS,
               "setmaxnreg asks for more registers than the CTA holds");
-static_assert(!PINGPONG || WGC == 2, "PINGPONG takes turns between two consumer warpgroups");
+static_assert((KS == 1 || KS == 2) && WGC % KS == 0, "KS splits the warpgroups into equal halves");
+static_assert(!PINGPONG || (WGC == 2 && KS == 1), "PINGPONG takes turns between two consumer warpgroups");
 
 #if CS > 1
 #define CLUSTER_ATTR __cluster_dims__(1, CS, 1)
@@ -181,7 +188,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 4 * WGC);
+      mbar_init(&empty[s], 4 * SL);  // the warps of the SL warpgroups that read the stage
     }
     mbar_init_fence();
   }
@@ -193,7 +200,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     if (warp == 4 * WGC && lane == 0) {
       const u64 keep = policy_evict_last(), stream = policy_evict_first();
       const int rows = min(BN, M - m0), srows = min(BN, Mp - m0);
-      const int wgs = min(WGC, slabs - tn * WGC);  // slabs of this tile
+      const int wgs = min(SL, slabs - tn * SL);  // slabs of this tile
       // After a programmatic dependent launch this CTA is set up while the activation
       // quantization still runs; everything it reads from here on may be that kernel's output.
       grid_dependency_wait();
@@ -203,9 +210,9 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
         const u32 wbytes = j == G ? CHUNK8 : CHUNK4;
         unsigned char* st = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], wgs * wbytes + rows * 128 + srows * 4);
-        const unsigned char* wsrc = wpack + (size_t)tn * WGC * slab + (size_t)j * CHUNK4;
+        const unsigned char* wsrc = wpack + (size_t)tn * SL * slab + (size_t)j * CHUNK4;
 #pragma unroll
-        for (int w = 0; w < WGC; ++w)
+        for (int w = 0; w < SL; ++w)
           if (w < wgs) bulk_copy(st + W_OFF + w * CHUNK8, wsrc + w * slab, wbytes, &full[s], stream);
         bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
         bulk_copy(st + SA_OFF, sa + (size_t)j * Mp + m0, srows * 4, &full[s], keep);
@@ -219,20 +226,21 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     return;
   }
 
-  // Consumers: warpgroup wg owns weight rows [64*wg, 64*wg + 64) of the tile. With PINGPONG
+  // Consumers: warpgroup wg owns weight rows [64*sl, 64*sl + 64) of the tile (sl = wg % SL) and,
+  // with KS = 2, the steps j0 + kh, j0 + kh + 2, ... (kh = wg / SL). With PINGPONG
   // (WGC = 2) the two take turns on the tensor cores: each issues a step's MMAs once the other's
   // have completed (named barriers 2 and 3), so that one folds while the other's MMAs run.
   setmaxnreg_inc<CONSUMER_REGS>();
-  const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3;
+  const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3, sl = wg % SL, kh = wg / SL;
   const WOffsets wo = weight_offsets(w, lane);
-  const unsigned char* wbase = smem + W_OFF + wg * CHUNK8;
+  const unsigned char* wbase = smem + W_OFF + sl * CHUNK8;
   const unsigned char* sabase = smem + SA_OFF + 2 * t * 4;
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
-  int s = 0;
-  u32 phase = 0;
-  for (int j = j0; j < j1; ++j) {
+  int s = kh % STAGES;  // stage and phase of step j0 + kh
+  u32 phase = kh / STAGES;
+  for (int j = j0 + kh; j < j1; j += KS) {
     mbar_wait(&full[s], phase);
     const int so = s * STAGE_BYTES;
     u32 a[4][4];
@@ -254,7 +262,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
     fold<BN>(acc, c, sw, fa);
-    if (++s == STAGES) s = 0, phase ^= 1;
+    if ((s += KS) >= STAGES) s -= STAGES, phase ^= 1;
   }
 
   // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].
@@ -266,7 +274,20 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
-        part[(8 * i + 2 * t + e) * P_LD + 64 * wg + 16 * w + g + 8 * h] = acc[4 * i + 2 * h + e];
+        if (kh == KS - 1) part[(8 * i + 2 * t + e) * P_LD + 64 * sl + 16 * w + g + 8 * h] = acc[4 * i + 2 * h + e];
+#if KS == 2
+  named_sync(1, 128 * WGC);  // half 1 is written: half 0 adds its sums (half 0 + half 1)
+  if (kh == 0)
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float* p = part + (8 * i + 2 * t + e) * P_LD + 64 * sl + 16 * w + g + 8 * h;
+          *p = acc[4 * i + 2 * h + e] + *p;
+        }
+#endif
 #if CS > 1
   cluster_sync();
   const int r0 = rank * (ROWS / CS), nr = ROWS / CS;

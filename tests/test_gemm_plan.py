@@ -55,8 +55,19 @@ def test_wide_tiles_come_from_the_table(monkeypatch):
     assert gp.sm90_plan(1, 22016, 4096, 33, 132)[0].wgc == gp.SM90_TUNED[(8, 22016, 4096)][0] == 3
     monkeypatch.delitem(gp.SM90_TUNED, (8, 22016, 4096))
     assert gp.sm90_plan(1, 22016, 4096, 33, 132)[0].wgc <= 2
-    assert all(wgc in gp.sm90_wgcs(bn) for (bn, _, _), (wgc, _) in gp.SM90_TUNED.items())
+    assert all((v[0], (*v, 1)[2]) in gp.sm90_shapes(bn) for (bn, _, _), v in gp.SM90_TUNED.items())
     assert gp.sm90_wgcs(128) == (2,) and gp.sm90_wgcs(8) == (1, 2, 3, 4)
+
+
+def test_two_warpgroups_per_slab(monkeypatch):
+    """A table entry (wgc, cs, ks): ks = 2 halves the tile's rows and keeps the threads."""
+    monkeypatch.setitem(gp.SM90_TUNED, (8, 4096, 4096), (4, 2, 2))
+    cfg, per_split = gp.sm90_plan(1, 4096, 4096, 33, 132)
+    assert (cfg.wgc, cfg.cs, cfg.ks, cfg.slabs, cfg.rows, cfg.threads) == (4, 2, 2, 2, 128, 640)
+    assert ("KS", 2) in cfg.defines() and per_split == 17
+    assert cfg.stage_bytes == gp.Sm90Config(8, 2, cfg.stages, 2).stage_bytes  # stages hold 2 slabs
+    assert (2, 2) in gp.sm90_shapes(8) and (4, 2) in gp.sm90_shapes(32) and (4, 2) not in gp.sm90_shapes(64)
+    assert gp.sm90_shapes(128) == ((2, 1),)
 
 
 def test_mma_plan_unchanged():

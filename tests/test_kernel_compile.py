@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from vllm_atom.kernels import _loader, kv_int4  # noqa: E402
-from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_SPLITS, SM90_WIDTHS, Sm90Config, sm90_stages,  # noqa: E402
-                                         sm90_wgcs)
+from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_SPLITS, SM90_WIDTHS, Sm90Config,  # noqa: E402
+                                         sm90_shapes, sm90_stages)
 
 ARCHS = ["sm_80", "sm_89", "sm_90a"]
 
@@ -39,10 +39,10 @@ def test_gemm_compiles(arch, cfg, bf16):
 
 @pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("cs", SM90_SPLITS)
-@pytest.mark.parametrize("bn,wgc", [(bn, wgc) for bn in SM90_WIDTHS for wgc in sm90_wgcs(bn)])
-def test_sm90_gemm_compiles(bn, wgc, cs, bf16):
+@pytest.mark.parametrize("bn,wgc,ks", [(bn, *shape) for bn in SM90_WIDTHS for shape in sm90_shapes(bn)])
+def test_sm90_gemm_compiles(bn, wgc, ks, cs, bf16):
     """Every width x warpgroups x cluster split `gemm_plan.sm90_plan` can pick, for sm_90a (wgmma)."""
-    cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs)
+    cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
     assert cfg.smem_bytes <= 227 * 1024
     assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
 

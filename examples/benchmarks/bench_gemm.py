@@ -257,10 +257,10 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             for c in gemm_plan.sm90_candidates(m):
                 if c.cs > 1 and steps < 2 * c.cs:
                     continue
-                gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs)
+                gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs, c.ks)
                 us = time_us(atom_gemm, sets)
-                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_w{c.wgc}c{c.cs}", time_us=round(us, 3),
-                                 picked=(c.wgc, c.cs) == (picked.wgc, picked.cs)))
+                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_w{c.wgc}c{c.cs}" + (f"k{c.ks}" if c.ks > 1 else ""),
+                                 time_us=round(us, 3), picked=c == picked))
             del gemm_plan.SM90_TUNED[(bn, n, k)]
             if saved:
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved

@@ -67,21 +67,38 @@ def test_atom_linear_sm90(m, shape):
 
 
 @pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
-@pytest.mark.parametrize("m,wgc", [(m, wgc) for m in (1, 16, 33, 64, 200)
-                                   for wgc in gemm_plan.sm90_wgcs(gemm_plan.sm90_width(m))])
-def test_every_cluster_split(m, wgc, cs, monkeypatch):
-    """The config is a table entry: force each (warpgroups, split): the DSMEM reduction of 1, 2,
-    4, 8 partials, tiles of 64 to 256 rows (N = 4096 is 64 slabs: with 3 warpgroups the last
-    tile holds one slab)."""
+@pytest.mark.parametrize("m,wgc,ks", [(m, *shape) for m in (1, 16, 33, 64, 200)
+                                      for shape in gemm_plan.sm90_shapes(gemm_plan.sm90_width(m))])
+def test_every_cluster_split(m, wgc, ks, cs, monkeypatch):
+    """The config is a table entry: force each (warpgroups, split, warpgroups per slab): the DSMEM
+    reduction of 1, 2, 4, 8 partials, tiles of 64 to 256 rows (N = 4096 is 64 slabs: with 3
+    warpgroups the last tile holds one slab), two warpgroups per slab adding their halves."""
     n, k = SHAPES["llama2-7b-down"]
     o = outliers(k)
     x, idx = make_input(m, k)
     w = make_weight(n, k, idx)
     wpack = prepacked(w)
-    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), (wgc, cs))
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), (wgc, cs, ks))
     ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
     y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
-    check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs)
+    check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
+
+
+@pytest.mark.parametrize("cfg", [(2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 8, 2)])
+@pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_split_slabs_few_steps(m, shape, cfg, monkeypatch):
+    """Two warpgroups per slab when a cluster rank has one step or none for the second half
+    (K = 144, 256, 576: 2 to 5 steps)."""
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cfg[1] * cfg[2])
 
 
 @pytest.mark.parametrize("m", [1, 16, 33, 300, 2000])

@@ -251,7 +251,7 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     k = layout.GROUP * steps
     cfg, per_split = sm90_plan(m, n, k, steps, sms, _cluster_slots(dev))
     slabs = wpack.shape[0]
-    tiles_m, tiles_n = math.ceil(m / cfg.bn), math.ceil(slabs / cfg.wgc)
+    tiles_m, tiles_n = math.ceil(m / cfg.bn), math.ceil(slabs / cfg.slabs)
     fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(out_dtype), dev)
     _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1),
                    (qa.data_ptr(), sa.data_ptr(), wpack.data_ptr(), 0 if bias is None else bias.data_ptr(),

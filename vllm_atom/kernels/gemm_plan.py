@@ -51,28 +51,34 @@ SM90_CHUNK8 = 8320      # bytes of the largest step chunk of one 64-row slab (la
 
 
 class Sm90Config(NamedTuple):
-    """bn: tokens per CTA (the wgmma N); wgc: consumer warpgroups (64 weight rows each);
-    stages: shared-memory pipeline depth; cs: CTAs per cluster splitting the K steps."""
+    """bn: tokens per CTA (the wgmma N); wgc: consumer warpgroups; stages: shared-memory pipeline
+    depth; cs: CTAs per cluster splitting the K steps; ks: consumer warpgroups per 64-row slab
+    (2: they take alternate steps, a K split inside the CTA). A tile is wgc / ks slabs."""
 
     bn: int
     wgc: int
     stages: int
     cs: int
+    ks: int = 1
+
+    @property
+    def slabs(self) -> int:
+        return self.wgc // self.ks
 
     @property
     def rows(self) -> int:
-        return 64 * self.wgc
+        return 64 * self.slabs
 
     @property
     def threads(self) -> int:
         return 128 * self.wgc + 128
 
     def defines(self) -> tuple[tuple[str, int], ...]:
-        return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs))
+        return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs), ("KS", self.ks))
 
     @property
     def stage_bytes(self) -> int:
-        raw = self.bn * 128 + self.wgc * SM90_CHUNK8 + self.bn * 4
+        raw = self.bn * 128 + self.slabs * SM90_CHUNK8 + self.bn * 4
         return (raw + 1023) // 1024 * 1024
 
     @property
@@ -94,15 +100,21 @@ def sm90_wgcs(bn: int) -> tuple[int, ...]:
     return tuple(range(1 if bn <= 64 else 2, SM90_MAX_WGC[bn] + 1))
 
 
+def sm90_shapes(bn: int) -> tuple[tuple[int, int], ...]:
+    """(wgc, ks) pairs the kernel compiles for width ``bn``: every warpgroup count of `sm90_wgcs`
+    with one warpgroup per slab, and the even ones up to width 64 also with two per slab."""
+    return tuple((wgc, ks) for wgc in sm90_wgcs(bn) for ks in (1, 2) if ks == 1 or (wgc % 2 == 0 and bn <= 64))
+
+
 def sm90_width(m: int) -> int:
     """The wgmma N (tokens per CTA) for M tokens."""
     return next((w for w in SM90_WIDTHS if m <= w), SM90_WIDTHS[-1])
 
 
-def sm90_stages(bn: int, wgc: int = 2) -> int:
-    """As many stages as fit in shared memory (at most 12)."""
-    for stages in range(12 if wgc == 2 else 16, 1, -1):
-        if Sm90Config(bn, wgc, stages, 1).smem_bytes <= SM90_SMEM:
+def sm90_stages(bn: int, wgc: int = 2, ks: int = 1) -> int:
+    """As many stages as fit in shared memory (at most 12 with two warpgroups on two slabs, else 16)."""
+    for stages in range(12 if (wgc, ks) == (2, 1) else 16, 1, -1):
+        if Sm90Config(bn, wgc, stages, 1, ks).smem_bytes <= SM90_SMEM:
             return stages
     raise ValueError(f"no sm90 pipeline fits for BN={bn}")
 
@@ -112,7 +124,7 @@ def sm90_stages(bn: int, wgc: int = 2) -> int:
 # --m-list 1,16,32,64` runs of every (WGC 1-4, CS) (2026-12-02, results/gemm-sweep-wgc-h200-{a,b}.json:
 # the kernel of this table but for its producer loop, see cuda/NOTES.md v3.4). Llama-2-7B /
 # Llama-3-8B / Llama-2-70B layers at TP=1; other shapes and widths use the model below.
-SM90_TUNED: dict[tuple[int, int, int], tuple[int, int]] = {  # (bn, N, K): (wgc, cs)
+SM90_TUNED: dict[tuple[int, int, int], tuple[int, ...]] = {  # (bn, N, K): (wgc, cs[, ks])
     (8, 4096, 4096): (3, 4), (8, 4096, 11008): (1, 2), (8, 4096, 14336): (1, 2), (8, 6144, 4096): (4, 4),
     (8, 8192, 8192): (2, 2), (8, 8192, 28672): (2, 2), (8, 10240, 8192): (3, 2), (8, 12288, 4096): (3, 2),
     (8, 22016, 4096): (3, 1), (8, 28672, 4096): (4, 1), (8, 57344, 8192): (4, 1),
@@ -148,7 +160,8 @@ def sm90_cost(m: int, n: int, steps: int, cfg: "Sm90Config", slots: int) -> floa
 
 def sm90_candidates(m: int) -> list[Sm90Config]:
     bn = sm90_width(m)
-    return [Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs) for wgc in sm90_wgcs(bn) for cs in SM90_SPLITS]
+    return [Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks) for wgc, ks in sm90_shapes(bn)
+            for cs in SM90_SPLITS]
 
 
 def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
@@ -160,11 +173,11 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     slots = slots or {cs: sms for cs in SM90_SPLITS}
     tuned = SM90_TUNED.get((bn, n, k))
     if tuned:
-        wgc, cs = tuned
-        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs)
+        wgc, cs, ks = (*tuned, 1)[:3]
+        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
     else:
-        # (the model was fitted to one and two warpgroups; more come only from the table)
-        ok = [c for c in sm90_candidates(m) if c.wgc <= 2 and (c.cs == 1 or steps >= 2 * c.cs)]
+        # (the model was fitted to one and two warpgroups, one per slab; the rest only from the table)
+        ok = [c for c in sm90_candidates(m) if c.wgc <= 2 and c.ks == 1 and (c.cs == 1 or steps >= 2 * c.cs)]
         cfg = min(ok, key=lambda c: (sm90_cost(m, n, steps, c, slots[c.cs]), c.cs, -c.wgc))
     while cfg.cs > 1 and steps < 2 * cfg.cs:
         cfg = cfg._replace(cs=cfg.cs // 2)
