@@ -231,7 +231,12 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   // (WGC = 2) the two take turns on the tensor cores: each issues a step's MMAs once the other's
   // have completed (named barriers 2 and 3), so that one folds while the other's MMAs run.
   setmaxnreg_inc<CONSUMER_REGS>();
-  const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3, sl = wg % SL, kh = wg / SL;
+  const int wg = warp / 4, w = warp % 4, g = lane >> 2, t = lane & 3;
+#if KS == 1
+  const int sl = wg, kh = 0;
+#else
+  const int sl = wg % SL, kh = wg / SL;
+#endif
   const WOffsets wo = weight_offsets(w, lane);
   const unsigned char* wbase = smem + W_OFF + sl * CHUNK8;
   const unsigned char* sabase = smem + SA_OFF + 2 * t * 4;
@@ -262,7 +267,11 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
     fold<BN>(acc, c, sw, fa);
+#if KS == 1
+    if (++s == STAGES) s = 0, phase ^= 1;
+#else
     if ((s += KS) >= STAGES) s -= STAGES, phase ^= 1;
+#endif
   }
 
   // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].
