@@ -4,6 +4,8 @@
 #     bash tests/gpu/sm90_session.sh [BENCH_ARGS...]      (with .devbundle carried)
 # BUDGET (seconds, default 540) bounds the whole call; SM90_TESTS picks the pytest selection;
 # E2E_K (a pytest -k expression) adds tests/gpu/test_vllm_e2e.py; BENCH=0 skips the benchmark.
+# Pass ATOM_COMMIT=<hash> for the JSON's commit field: git on the device machine can report a
+# stale HEAD (it did on 2026-12-02).
 set -uo pipefail
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 t0=$(date +%s); BUDGET=${BUDGET:-540}
