@@ -277,16 +277,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].
   float* part = (float*)smem;
   named_sync(1, 128 * WGC);  // every consumer is done reading the stages
-#pragma unroll
-  for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-        if (kh == KS - 1) part[(8 * i + 2 * t + e) * P_LD + 64 * sl + 16 * w + g + 8 * h] = acc[4 * i + 2 * h + e];
-#if KS == 2
-  named_sync(1, 128 * WGC);  // half 1 is written: half 0 adds its sums (half 0 + half 1)
-  if (kh == 0)
+  auto to_part = [&](bool add) {  // acc[4i + 2h + e]: row 16w + g + 8h of slab sl, token 8i + 2t + e
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i)
 #pragma unroll
@@ -294,8 +285,13 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float* p = part + (8 * i + 2 * t + e) * P_LD + 64 * sl + 16 * w + g + 8 * h;
-          *p = acc[4 * i + 2 * h + e] + *p;
+          *p = add ? acc[4 * i + 2 * h + e] + *p : acc[4 * i + 2 * h + e];
         }
+  };
+  if (kh == KS - 1) to_part(false);
+#if KS == 2
+  named_sync(1, 128 * WGC);  // half 1 is written: half 0 adds its sums (half 0 + half 1)
+  if (kh == 0) to_part(true);
 #endif
 #if CS > 1
   cluster_sync();
