@@ -154,7 +154,8 @@ def _marlin(w_bf16: torch.Tensor):
     return fn
 
 
-def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bool = False) -> list[dict]:
+def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bool = False,
+                sweep_ks: int | None = None) -> list[dict]:
     cfg = AtomConfig()
     o = cfg.outliers_for(k)
     kn = k - o
@@ -255,7 +256,7 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             picked = gemm_plan.sm90_plan(m, n, k, steps, torch.cuda.get_device_properties(0).multi_processor_count,
                                          cuda_ops._cluster_slots(0))[0]
             for c in gemm_plan.sm90_candidates(m):
-                if c.cs > 1 and steps < 2 * c.cs:
+                if (c.cs > 1 and steps < 2 * c.cs) or (sweep_ks is not None and c.ks != sweep_ks):
                     continue
                 gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs, c.ks)
                 us = time_us(atom_gemm, sets)
@@ -378,6 +379,8 @@ def main() -> None:
     ap.add_argument("--all-models", action="store_true", help="also SmolLM2 and Qwen2.5 layers")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="also time every sm90 cluster split at M <= 512 (rows atom_gemm_cs<N>)")
+    ap.add_argument("--sweep-ks", type=int, help="with --sweep-splits: only the configs with this many "
+                    "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
@@ -397,7 +400,7 @@ def main() -> None:
     print(f"device copy: {copy:.0f} GB/s", flush=True)
     rows = []
     for model, layer, n, k in shapes:
-        rows += bench_shape(n, k, m_list, fp8_quant_c, args.sweep_splits)
+        rows += bench_shape(n, k, m_list, fp8_quant_c, args.sweep_splits, args.sweep_ks)
         print(f"{model} {layer} N={n} K={k} done", flush=True)
     rows = with_fp8(rows)
     main_rows = [r for r in rows if r["impl"] in ("atom", "bf16", "fp8", "marlin")]
