@@ -3,7 +3,8 @@
 // Tensor contract (one shard; K = Kn + O channels, G = Kn/128 groups, O32 = O rounded up to 32,
 // KA = Kn + O32; T = bf16 if DTYPE_BF16 else fp16, rows contiguous and 16-byte aligned):
 //   x        T     [M, K]   (act_quant, rmsnorm_act_quant)  or  [M, 2K] = gate | up (silu_mul_act_quant)
-//   norm_w   T     [K]      RMSNorm weight (rmsnorm_act_quant only)
+//   norm_w   T     [K]      RMSNorm weight (rmsnorm_act_quant, fused_add_rmsnorm_act_quant)
+//   residual T     [M, K]   in; residual_out T [M, K] out = T(x + residual) (fused_add_rmsnorm_act_quant)
 //   reorder  int32 [K]      slot j reads channel reorder[j]; slots >= Kn are the INT8 outliers
 //   qa       int8  [M, KA]  out. Bytes [g*128, g*128+128) hold group g's INT4 values (one per
 //                           byte, in [-8, 7]) permuted inside each 32-slot chunk: byte 4t+i+16h
@@ -150,6 +151,61 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
 #pragma unroll
     for (int j = 0; j < 8; ++j)
       d.h[j] = from_float(to_float(from_float(to_float(d.h[j]) * rs)) * to_float(w.h[j]));
+    ((uint4*)row)[i] = d.v;
+  }
+  __syncthreads();
+  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
+}
+
+// s = float(x) + float(residual); residual_out = T(s); y = T(T(s * rsqrt(mean(s^2) + eps)) * w)
+// (vLLM's fused_add_rms_norm: the norm of the unrounded fp32 sum), then quantize y. CTAs with
+// blockIdx.y == 0 write residual_out. Dynamic shared memory K*4 bytes: x's row, then residual's.
+extern "C" __global__ void __launch_bounds__(THREADS)
+fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ residual,
+                            u16* __restrict__ residual_out, const u16* __restrict__ norm_w, float eps,
+                            const int* __restrict__ reorder, int K, int Kn, int O, float clip,
+                            i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
+  extern __shared__ __align__(16) u16 row[];
+  allow_dependents();  // the GEMM after this kernel may start streaming its weights
+  __shared__ float partial[WARPS];
+  uint4* res_row = (uint4*)(row + K);
+  const size_t off = (size_t)blockIdx.x * K;
+  const uint4* src = (const uint4*)(x + off);
+  const uint4* rsrc = (const uint4*)(residual + off);
+  uint4* rdst = (uint4*)(residual_out + off);
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < K / 8; i += THREADS) {
+    Vec8 d, r, o;
+    d.v = src[i];
+    r.v = rsrc[i];
+    ((uint4*)row)[i] = d.v;
+    res_row[i] = r.v;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float f = to_float(d.h[j]) + to_float(r.h[j]);
+      ss += f * f;
+      o.h[j] = from_float(f);
+    }
+    if (blockIdx.y == 0) rdst[i] = o.v;
+  }
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += partial[w];
+  const float rs = rsqrtf(total / (float)K + eps);
+  const uint4* wv = (const uint4*)norm_w;
+  for (int i = threadIdx.x; i < K / 8; i += THREADS) {  // same i per thread as above: in place
+    Vec8 d, r, w;
+    d.v = ((uint4*)row)[i];
+    r.v = res_row[i];
+    w.v = wv[i];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float f = to_float(d.h[j]) + to_float(r.h[j]);
+      d.h[j] = from_float(to_float(from_float(f * rs)) * to_float(w.h[j]));
+    }
     ((uint4*)row)[i] = d.v;
   }
   __syncthreads();

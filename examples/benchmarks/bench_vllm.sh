@@ -3,7 +3,8 @@
 # Atom W4A4 (--load-format dummy fills valid random quantized weights) against BF16 and
 # FP8 W8A8 in the same run, and Atom with its INT4 KV cache (or FP8 KV) against Atom with BF16 KV.
 # Usage: bash examples/benchmarks/bench_vllm.sh OUT_DIR [TOKENIZER_DIR]
-#   CONFIGS=bf16,fp8,atom,atom-kv4,atom-fp8kv (default: all)   LATENCY=0 skips `vllm bench latency`,
+#   CONFIGS=bf16,fp8,atom,atom-kv4,atom-fp8kv (default: these), atom-kv4-nofuse (Atom + INT4 KV without the
+#   quantization fused into norms / SiLU, VLLM_ATOM_FUSION=0)   LATENCY=0 skips `vllm bench latency`,
 #   THROUGHPUT=0 skips `vllm bench throughput`
 # Writes OUT_DIR/vllm-{throughput,latency}-CONFIG.json and prints one line each (with the KV
 # cache size vLLM reported).
@@ -56,4 +57,6 @@ has bf16 && run bf16 /tmp/llama2-7b-shape
 has fp8 && run fp8 /tmp/llama2-7b-shape --quantization fp8 --kv-cache-dtype fp8
 has atom && run atom /tmp/llama2-7b-atom
 has atom-kv4 && run atom-kv4 /tmp/llama2-7b-atom --kv-cache-dtype int4_per_token_head --attention-backend CUSTOM
+has atom-kv4-nofuse && VLLM_ATOM_FUSION=0 run atom-kv4-nofuse /tmp/llama2-7b-atom --kv-cache-dtype int4_per_token_head \
+    --attention-backend CUSTOM
 has atom-fp8kv && run atom-fp8kv /tmp/llama2-7b-atom --kv-cache-dtype fp8

@@ -168,6 +168,26 @@ def test_rmsnorm_quantize_act(m, k):
     close_act(qa, sa, ref_quantize(ops.rms_norm(x, nw, 1e-6), idx, o), "rmsnorm")
 
 
+@pytest.mark.parametrize("sm90", [False, True])
+@pytest.mark.parametrize("k", [576, 1536, 4096, 8192])
+@pytest.mark.parametrize("m", [1, 7, 33, 1024])
+def test_fused_add_rmsnorm_quantize_act(m, k, sm90):
+    """vLLM's fused add + RMSNorm, then quantization (the fusion pass's qkv / gate_up producer):
+    the new residual bit for bit, the integers as the other fused producers."""
+    if sm90 and not ops.use_sm90(torch.device(DEV)):
+        pytest.skip("sm90 layout needs compute capability 9.0")
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    r = (3 * torch.randn(m, k, device=DEV)).to(x.dtype)
+    nw = (1 + 0.2 * torch.randn(k, device=DEV)).to(x.dtype)
+    qa, sa, res = torch.ops.vllm_atom.fused_add_rmsnorm_quantize_act(x, r, nw, 1e-5, idx, o, CFG.a_clip, sm90)
+    y, want_res = ops.fused_add_rms_norm(x, r, nw, 1e-5)
+    assert torch.equal(res, want_res)
+    if sm90:  # compare in the mma.sync layout
+        qa, sa = layout.pack_activation(layout.unpack_activation_sm90(qa, sa, k, o))
+    close_act(qa, sa, ref_quantize(y, idx, o), "fused_add_rmsnorm")
+
+
 @pytest.mark.parametrize("k", [1536, 8960, 11008, 28672])
 @pytest.mark.parametrize("m", [1, 7, 33, 1024])
 def test_silu_mul_quantize_act(m, k):

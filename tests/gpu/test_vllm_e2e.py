@@ -227,3 +227,34 @@ def test_vllm_kernels_match_reference_linear_inside_vllm(arch, tokenizer_dir, te
     print("e2e", json.dumps(result))
     json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-reference-linear.json"), "w"))
     assert result["top1_agreement"] >= 0.99, result
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_vllm_fusion_keeps_outputs(arch, tokenizer_dir, texts, tmp_path):
+    """The fusion pass (`vllm_atom.serve.fusion`) through vLLM, graphs on: every qkv / gate_up /
+    down linear's quantization fused into the norm or SiLU before it, and the greedy outputs and
+    prompt logprobs as without it (VLLM_ATOM_FUSION=0). The fused kernels round as vLLM's ops do;
+    only reduction order and exp / rsqrt may differ by an ulp."""
+    from vllm_atom.serve.fusion import FUSION_ENV
+
+    calib, evaltext = texts
+    ckpt = quantized_tiny(arch, tokenizer_dir, calib, "/tmp/atom-e2e")
+    layers = json.load(open(os.path.join(ckpt, "config.json")))["num_hidden_layers"]
+    windows = eval_windows(ckpt, evaltext)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    on = vllm_logprobs(ckpt, windows, str(tmp_path), "--greedy-tokens", "24", env_extra=env)
+    off = vllm_logprobs(ckpt, windows, str(tmp_path), "--greedy-tokens", "24", env_extra={**env, FUSION_ENV: "0"})
+    agree = sum(int(a == b) for x, y in zip(on["windows"], off["windows"]) for a, b in zip(x["top1"], y["top1"]))
+    total = sum(len(x["top1"]) for x in on["windows"])
+    dlp = [abs(a - b) for x, y in zip(on["windows"], off["windows"]) for a, b in zip(x["logprob"], y["logprob"])]
+    same = sum(int(a == b) for a, b in zip(on["greedy"], off["greedy"]))
+    result = {"arch": arch, "fused": on["fused"], "unfused_run_fused": off["fused"], "top1_agreement": agree / total,
+              "mean_abs_dlogprob": sum(dlp) / len(dlp), "greedy_identical": f"{same}/{len(on['greedy'])}"}
+    print("e2e", json.dumps(result))
+    json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-fusion.json"), "w"))
+    assert not off["fused"], result
+    # per layer: input norm -> qkv and post-attention norm -> gate_up (fused add + norm but for the
+    # first layer's input norm), SiLU -> down; counted once per compiled graph size range
+    assert on["fused"].get("silu_mul", 0) >= layers and on["fused"].get("fused_add_rms_norm", 0) >= 2 * layers - 1
+    assert same == len(on["greedy"]), result
+    assert result["top1_agreement"] >= 0.99, result

@@ -2,9 +2,13 @@
 
     python tests/gpu/vllm_logprobs.py CKPT IDS.json OUT.json [--enforce-eager] [--kv-cache-dtype D]
         [--attention-backend B] [--max-num-batched-tokens N] [--max-num-seqs N] [--tensor-parallel-size N]
+        [--greedy-tokens N]
 
 IDS.json: a list of token-id lists. OUT.json: per window, for positions 1.., the logprob
-vLLM gives the actual next token and vLLM's own top-1 token id, plus the run's settings.
+vLLM gives the actual next token and vLLM's own top-1 token id, plus the run's settings, the
+greedy continuations (--greedy-tokens) and the linears whose quantization the fusion pass fused
+(`vllm_atom.serve.fusion.REPLACED`; empty unless the engine ran in this process,
+VLLM_ENABLE_V1_MULTIPROCESSING=0).
 CUDA graphs and torch.compile stay on (vLLM's defaults) unless --enforce-eager.
 With --tensor-parallel-size > 1 the all-reduce is NCCL's with NVLink multicast off
 (the GPU machines forbid multicast; vLLM's symmetric-memory all-reduce would use it).
@@ -30,6 +34,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--greedy-tokens", type=int, default=0,
+                    help="also generate this many tokens greedily after each window's first 32")
     args = ap.parse_args()
     if args.tensor_parallel_size > 1:
         os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
@@ -59,6 +65,12 @@ def main() -> None:
             lp.append(d[w[pos]].logprob)
             top1.append(next(t for t, v in d.items() if v.rank == 1))
         result["windows"].append({"logprob": lp, "top1": top1})
+    if args.greedy_tokens:
+        greedy = SamplingParams(max_tokens=args.greedy_tokens, temperature=0.0, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=w[:32]) for w in windows], greedy, use_tqdm=False)
+        result["greedy"] = [list(o.outputs[0].token_ids) for o in outs]
+    from vllm_atom.serve import fusion
+    result["fused"] = dict(fusion.REPLACED)  # filled when the engine runs in this process
     with open(args.out, "w") as f:
         json.dump(result, f)
     print(f"vllm_logprobs: {len(windows)} windows, load {load_s:.0f} s, generate {gen_s:.1f} s", flush=True)

@@ -65,7 +65,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 # ---- activation quantization ----
 
 def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n_outliers: int,
-              a_clip: float, extra: tuple = (), sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              a_clip: float, extra: tuple = (), sm90: bool = False, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be 2-D, got {list(x.shape)}")
     if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
@@ -87,10 +87,11 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     # Few rows: spread each row's steps over several CTAs so the chip is used.
     ctas = max(1, min(math.ceil(2 * sms / m), math.ceil(steps / (ACT_THREADS // 32))))
     per_cta = math.ceil(steps / ctas)
-    smem = 2 * k
+    smem = 2 * k * rows  # the staged 16-bit rows
     fn = _loader.kernel("act_quant.cu", name, _act_defines(x.dtype, sm90), dev)
+    x = _aligned(x)  # alive until the launch
     _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (ACT_THREADS, 1, 1),
-                   (_aligned(x).data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
+                   (x.data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
                     np.int32(kn), np.int32(n_outliers), np.float32(a_clip), qa.data_ptr(), sa.data_ptr(),
                     np.int32(ld), np.int32(per_cta)), smem, dev)
     return qa, sa
@@ -108,8 +109,24 @@ def rmsnorm_quantize_act(x, norm_weight, eps, reorder_index, n_outliers, a_clip,
     k = x.shape[-1]
     if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"rmsnorm_quantize_act: norm_weight must be {x.dtype} [{k}]")
+    norm_weight = _aligned(norm_weight)  # alive until the launch
     return _quantize("rmsnorm_act_quant", x, k, reorder_index, n_outliers, a_clip,
-                     (_aligned(norm_weight).data_ptr(), np.float32(eps)), sm90=sm90)
+                     (norm_weight.data_ptr(), np.float32(eps)), sm90=sm90)
+
+
+def fused_add_rmsnorm_quantize_act(x, residual, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
+    k = x.shape[-1]
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"fused_add_rmsnorm_quantize_act: norm_weight must be {x.dtype} [{k}]")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"fused_add_rmsnorm_quantize_act: residual must be {x.dtype} {list(x.shape)}, "
+                         f"got {residual.dtype} {list(residual.shape)}")
+    residual, norm_weight = _aligned(residual), _aligned(norm_weight)  # alive until the launch
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    qa, sa = _quantize("fused_add_rmsnorm_act_quant", x, k, reorder_index, n_outliers, a_clip,
+                       (residual.data_ptr(), residual_out.data_ptr(), norm_weight.data_ptr(), np.float32(eps)),
+                       sm90=sm90, rows=2)
+    return qa, sa, residual_out
 
 
 def silu_mul_quantize_act(x, reorder_index, n_outliers, a_clip, sm90=False):

@@ -83,6 +83,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's fused add + RMSNorm: s = x + residual in fp32; returns (the RMSNorm of the unrounded
+    s, rounded as `rms_norm`; s rounded to x.dtype, the next residual)."""
+    s = x.float() + residual.float()
+    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight, s.to(x.dtype)
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """vLLM's SiluAndMul: silu(x[:, :d]) * x[:, d:] in x.dtype."""
     d = x.shape[-1] // 2
@@ -112,6 +120,21 @@ def rmsnorm_quantize_act(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
 @rmsnorm_quantize_act.register_fake
 def _(x, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
     return _quantized_fake(x, x.shape[1], n_outliers, sm90)
+
+
+@torch.library.custom_op("vllm_atom::fused_add_rmsnorm_quantize_act", mutates_args=(), device_types="cpu")
+def fused_add_rmsnorm_quantize_act(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                   reorder_index: torch.Tensor, n_outliers: int, a_clip: float,
+                                   sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qa, sa) = quantize_act(y, ...) and the new residual, for (y, residual) =
+    `fused_add_rms_norm`(x, residual, norm_weight, eps); x, residual [M, K]."""
+    y, res = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return (*_quantized(y, reorder_index, n_outliers, a_clip, sm90), res)
+
+
+@fused_add_rmsnorm_quantize_act.register_fake
+def _(x, residual, norm_weight, eps, reorder_index, n_outliers, a_clip, sm90=False):
+    return (*_quantized_fake(x, x.shape[1], n_outliers, sm90), torch.empty_like(x))
 
 
 @torch.library.custom_op("vllm_atom::silu_mul_quantize_act", mutates_args=(), device_types="cpu")
@@ -221,6 +244,7 @@ if torch.cuda.is_available():
 
     for _op, _kernel in ((atom_linear, cuda_ops.atom_linear), (quantize_act, cuda_ops.quantize_act),
                          (rmsnorm_quantize_act, cuda_ops.rmsnorm_quantize_act),
+                         (fused_add_rmsnorm_quantize_act, cuda_ops.fused_add_rmsnorm_quantize_act),
                          (silu_mul_quantize_act, cuda_ops.silu_mul_quantize_act), (w4a4_gemm, cuda_ops.w4a4_gemm),
                          (w4a4_gemm_sm90, cuda_ops.w4a4_gemm_sm90), (atom_linear_sm90, cuda_ops.atom_linear_sm90)):
         _op.register_kernel("cuda")(_kernel)

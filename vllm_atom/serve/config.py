@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from vllm.config import get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
@@ -100,8 +101,10 @@ class AtomQuantConfig(QuantizationConfig):
             raise ValueError(_NOT_ATOM.format(model="this model"))
         if not is_quantized_linear(prefix):
             return UnquantizedLinearMethod()
+        from vllm_atom.serve import fusion
         from vllm_atom.serve.linear import AtomLinearMethod
 
+        fusion.install(get_current_vllm_config_or_none())  # before vLLM builds the model's compile backend
         return AtomLinearMethod(self.atom)
 
     def _check_kv_cache(self, layer: Attention) -> None:
