@@ -116,7 +116,7 @@ act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int
   quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
-// y = T(T(x * rsqrt(mean(x^2) + eps)) * w), as vLLM's RMSNorm, then quantize y.
+// y = T(x * rsqrt(mean(x^2) + eps) * w), as vLLM's RMSNorm compiled (Inductor rounds once), then quantize y.
 extern "C" __global__ void __launch_bounds__(THREADS)
 rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, float eps,
                   const int* __restrict__ reorder, int K, int Kn, int O, float clip,
@@ -150,15 +150,15 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
     w.v = wv[i];
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      d.h[j] = from_float(to_float(from_float(to_float(d.h[j]) * rs)) * to_float(w.h[j]));
+      d.h[j] = from_float(to_float(d.h[j]) * rs * to_float(w.h[j]));
     ((uint4*)row)[i] = d.v;
   }
   __syncthreads();
   quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
-// s = float(x) + float(residual); residual_out = T(s); y = T(T(s * rsqrt(mean(s^2) + eps)) * w)
-// (vLLM's fused_add_rms_norm: the norm of the unrounded fp32 sum), then quantize y. CTAs with
+// s = float(x) + float(residual); residual_out = T(s); y = T(s * rsqrt(mean(s^2) + eps) * w)
+// (vLLM's fused_add_rms_norm compiled: the norm of the unrounded fp32 sum), then quantize y. CTAs with
 // blockIdx.y == 0 write residual_out. Dynamic shared memory K*4 bytes: x's row, then residual's.
 extern "C" __global__ void __launch_bounds__(THREADS)
 fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ residual,
@@ -204,7 +204,7 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const float f = to_float(d.h[j]) + to_float(r.h[j]);
-      d.h[j] = from_float(to_float(from_float(f * rs)) * to_float(w.h[j]));
+      d.h[j] = from_float(f * rs * to_float(w.h[j]));
     }
     ((uint4*)row)[i] = d.v;
   }
@@ -212,7 +212,7 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
   quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
-// y = T(T(silu(gate)) * up), as vLLM's SiluAndMul, then quantize y. x is [M, 2K].
+// y = T(silu(gate) * up), as vLLM's SiluAndMul compiled (one rounding), then quantize y. x is [M, 2K].
 extern "C" __global__ void __launch_bounds__(THREADS)
 silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int Kn,
                    int O, float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld,
@@ -228,8 +228,7 @@ silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, i
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const float gf = to_float(g.h[j]);
-      const float act = to_float(from_float(gf / (1.0f + expf(-gf))));
-      g.h[j] = from_float(act * to_float(u.h[j]));
+      g.h[j] = from_float(gf / (1.0f + expf(-gf)) * to_float(u.h[j]));
     }
     ((uint4*)row)[i] = g.v;
   }

@@ -233,13 +233,12 @@ def test_vllm_kernels_match_reference_linear_inside_vllm(arch, tokenizer_dir, te
 def test_vllm_fusion_keeps_outputs(arch, tokenizer_dir, texts, tmp_path):
     """The fusion pass (`vllm_atom.serve.fusion`) through vLLM, graphs on: every qkv / gate_up /
     down linear's quantization fused into the norm or SiLU before it, and the greedy outputs and
-    prompt logprobs as without it (VLLM_ATOM_FUSION=0). The fused kernels round as vLLM's ops do;
-    only reduction order and exp / rsqrt may differ by an ulp."""
+    prompt logprobs as without it (VLLM_ATOM_FUSION=0). The fused kernels round as Inductor's code
+    does (once); only the reduction order and exp / division may differ by an ulp before it."""
     from vllm_atom.serve.fusion import FUSION_ENV
 
     calib, evaltext = texts
     ckpt = quantized_tiny(arch, tokenizer_dir, calib, "/tmp/atom-e2e")
-    layers = json.load(open(os.path.join(ckpt, "config.json")))["num_hidden_layers"]
     windows = eval_windows(ckpt, evaltext)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     on = vllm_logprobs(ckpt, windows, str(tmp_path), "--greedy-tokens", "24", env_extra=env)
@@ -253,8 +252,11 @@ def test_vllm_fusion_keeps_outputs(arch, tokenizer_dir, texts, tmp_path):
     print("e2e", json.dumps(result))
     json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-fusion.json"), "w"))
     assert not off["fused"], result
-    # per layer: input norm -> qkv and post-attention norm -> gate_up (fused add + norm but for the
-    # first layer's input norm), SiLU -> down; counted once per compiled graph size range
-    assert on["fused"].get("silu_mul", 0) >= layers and on["fused"].get("fused_add_rms_norm", 0) >= 2 * layers - 1
+    # counted per compiled piece (Inductor compiles the identical middle layers once): the first layer's
+    # input norm -> qkv, fused add + norm -> qkv / gate_up, SiLU -> down; only o_proj (after attention)
+    # stays unfused, one per piece with an MLP
+    f = on["fused"]
+    assert f["rms_norm"] >= 1 and f["fused_add_rms_norm"] >= 2 and f["silu_mul"] >= 1, result
+    assert f["unfused"] <= f["silu_mul"], result
     assert same == len(on["greedy"]), result
     assert result["top1_agreement"] >= 0.99, result

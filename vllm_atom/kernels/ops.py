@@ -77,24 +77,29 @@ def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int, sm90: bool):
     return x.new_empty((m, ka), dtype=torch.int8), x.new_empty((steps, m), dtype=torch.float32)
 
 
+# The producers the fusion pass (`vllm_atom.serve.fusion`) replaces, as vLLM's *compiled* model
+# computes them: Inductor keeps fp32 between the fused pointwise ops (it elides the downcast /
+# upcast pairs of eager PyTorch), so each output is rounded to the 16-bit dtype once.
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """vLLM's RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x.dtype, times weight."""
+    """vLLM's RMSNorm compiled: x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once to x.dtype."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's fused add + RMSNorm: s = x + residual in fp32; returns (the RMSNorm of the unrounded
-    s, rounded as `rms_norm`; s rounded to x.dtype, the next residual)."""
+    """vLLM's fused add + RMSNorm compiled: s = x + residual in fp32; returns (`rms_norm` of the
+    unrounded s, s rounded to x.dtype: the next residual)."""
     s = x.float() + residual.float()
-    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight, s.to(x.dtype)
+    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype), s.to(x.dtype)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """vLLM's SiluAndMul: silu(x[:, :d]) * x[:, d:] in x.dtype."""
+    """vLLM's SiluAndMul compiled: silu(x[:, :d]) * x[:, d:] in fp32, rounded once to x.dtype."""
     d = x.shape[-1] // 2
-    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+    xf = x.float()
+    return (torch.nn.functional.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
 
 
 @torch.library.custom_op("vllm_atom::quantize_act", mutates_args=(), device_types="cpu")

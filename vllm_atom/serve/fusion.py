@@ -10,9 +10,10 @@ by its pass manager after vLLM's own passes and before its IR lowering). It rewr
 
 where gemm is ``w4a4_gemm[_sm90]`` and the norms are vLLM's IR ops (``torch.ops.vllm_ir``, not yet
 lowered when the pass runs) and SiLU * up is SiluAndMul's native form as Inductor decomposes it (or
-``_C.silu_and_mul`` when that custom op is enabled). The fused kernels compute the same rounding
-steps as those ops (`vllm_atom.kernels.ops.rms_norm` / ``fused_add_rms_norm`` / ``silu_mul``), so one
-quantize launch per qkv / gate_up / down linear goes away and the norm's or SiLU's own kernel with it.
+``_C.silu_and_mul`` when that custom op is enabled). The fused kernels round as Inductor's code for
+those ops does, once, in the 16-bit dtype (`vllm_atom.kernels.ops.rms_norm` / ``fused_add_rms_norm`` /
+``silu_mul``), so one quantize launch per qkv / gate_up / down linear goes away and the norm's or
+SiLU's own kernel with it.
 A producer with more than one user, a norm whose weight is not in the activations' dtype or that
 normalises part of the row, and anything else is left as it was.
 
@@ -35,7 +36,8 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 FUSION_ENV = "VLLM_ATOM_FUSION"
-REPLACED: collections.Counter = collections.Counter()  # linears fused in this process, by producer
+# Atom linears this process's graphs fused, by producer, and left unfused ("unfused": o_proj, ...)
+REPLACED: collections.Counter = collections.Counter()
 PASS_KEY = "post_grad_custom_post_pass"
 
 _A = torch.ops.aten
@@ -77,7 +79,7 @@ class AtomFusionPass(InductorPass):
     """Fuse the activation quantization of Atom linears into the norm / SiLU before them."""
 
     def __call__(self, graph: fx.Graph) -> None:
-        counts = {"rms_norm": 0, "fused_add_rms_norm": 0, "silu_mul": 0}
+        counts = {"rms_norm": 0, "fused_add_rms_norm": 0, "silu_mul": 0, "unfused": 0}
         for node in list(graph.nodes):
             linear = _linear(node)
             if linear is None:
@@ -90,8 +92,10 @@ class AtomFusionPass(InductorPass):
                     _rewrite(graph, node, args, *m)
                     counts[kind] += 1
                     break
+            else:
+                counts["unfused"] += 1
         REPLACED.update(counts)
-        if any(counts.values()):
+        if counts["unfused"] < sum(counts.values()):
             graph.eliminate_dead_code()
             logger.debug("vllm_atom fusion: %s", counts)
 
