@@ -64,6 +64,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes,
       :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy) : "memory");
 }
 
+// Ask L2 to fetch [src, src + bytes) (bytes a multiple of 16); no shared memory, no completion.
+__device__ __forceinline__ void bulk_prefetch_l2(const void* src, u32 bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(src), "r"(bytes) : "memory");
+}
+
 // ---- warpgroup MMA ----
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }

@@ -155,7 +155,7 @@ def _marlin(w_bf16: torch.Tensor):
 
 
 def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bool = False,
-                sweep_ks: int | None = None) -> list[dict]:
+                sweep_ks: int | None = None, sweep_stages: list[int] | None = None) -> list[dict]:
     cfg = AtomConfig()
     o = cfg.outliers_for(k)
     kn = k - o
@@ -265,6 +265,16 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             del gemm_plan.SM90_TUNED[(bn, n, k)]
             if saved:
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved
+        if sweep_stages and sm90 and m <= 256:  # the plan's config with other pipeline depths
+            seen = set()
+            for cap in sweep_stages:
+                gemm_plan.SM90_MAX_STAGES = cap
+                stages = gemm_plan.sm90_plan(m, n, k, steps, torch.cuda.get_device_properties(0).multi_processor_count,
+                                             cuda_ops._cluster_slots(0))[0].stages
+                if stages not in seen:
+                    seen.add(stages)
+                    rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_s{stages}", time_us=round(time_us(atom_gemm, sets), 3)))
+            gemm_plan.SM90_MAX_STAGES = None
         del sets
         torch.cuda.empty_cache()
     return rows
@@ -381,6 +391,8 @@ def main() -> None:
                     help="also time every sm90 cluster split at M <= 512 (rows atom_gemm_cs<N>)")
     ap.add_argument("--sweep-ks", type=int, help="with --sweep-splits: only the configs with this many "
                     "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
+    ap.add_argument("--sweep-stages", help="comma-separated stage caps: also time the plan's sm90 config at M <= 256 "
+                    "with each (rows atom_gemm_s<stages>; as many as fit in shared memory)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
@@ -400,7 +412,8 @@ def main() -> None:
     print(f"device copy: {copy:.0f} GB/s", flush=True)
     rows = []
     for model, layer, n, k in shapes:
-        rows += bench_shape(n, k, m_list, fp8_quant_c, args.sweep_splits, args.sweep_ks)
+        rows += bench_shape(n, k, m_list, fp8_quant_c, args.sweep_splits, args.sweep_ks,
+                            [int(v) for v in args.sweep_stages.split(",")] if args.sweep_stages else None)
         print(f"{model} {layer} N={n} K={k} done", flush=True)
     rows = with_fp8(rows)
     main_rows = [r for r in rows if r["impl"] in ("atom", "bf16", "fp8", "marlin")]
@@ -424,6 +437,14 @@ def main() -> None:
             g = lambda i: t.get((m, n, k, i), float("nan"))  # noqa: E731
             print(f"{model[:11] + ' ' + layer:>20} {m:>5} " + " ".join(f"{g(c):10.1f}" for c in cols)
                   + f" {g('fp8') / g('atom'):6.2f} {g('bf16') / g('atom'):6.2f}")
+    if args.sweep_stages:
+        print("\nsm90 pipeline depth (us of atom_gemm with s stages; atom_gemm = the shipped depth)")
+        for model, layer, n, k in shapes:
+            for m in m_list:
+                ss = [r for r in rows if (r["M"], r["N"], r["K"]) == (m, n, k) and r["impl"].startswith("atom_gemm_s")]
+                if ss:
+                    print(f"{model[:11] + ' ' + layer:>20} {m:>5} atom_gemm={t[(m, n, k, 'atom_gemm')]:.1f} "
+                          + " ".join(f"s{r['impl'][11:]}={r['time_us']:.1f}" for r in ss))
     if args.sweep_splits:
         print("\nsm90 configs (us of atom_gemm per warpgroups w x cluster split c; * = the plan's pick)")
         for model, layer, n, k in shapes:

@@ -12,9 +12,12 @@ The results are wrong by construction for every variant but "base": they only bo
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
-             runs it: the GEMM a programmatic dependent launch)
+             runs it: the GEMM a programmatic dependent launch); --linear times every variant so
+    l2pf<N>  the producer prefetches its first N steps of weights into L2 before waiting for the
+             quantization (N = 4, 16, 64; use with --linear)
 
     python examples/benchmarks/sm90_variants.py [--variants base,nofold,...] [--m-list 1,128,8192] [--out DIR]
+        [--linear]
 
 Prints one table (microseconds and TOPS per variant) and writes sm90-variants-<gpu>.json.
 """
@@ -52,6 +55,16 @@ PATCHES = {
     "stream": [(ISSUE, NO_MMA), (FOLD, NO_FOLD)],
     "pp1": [("#define PINGPONG 0\n", "#define PINGPONG (WGC == 2)\n")],
 }
+# l2pf<N>: before its programmatic-dependency wait (while the quantization runs) the producer asks
+# L2 for the weights of its first N steps (no shared memory, no barrier: the real copies after the
+# wait then hit L2); meaningful with --linear
+WAIT = "      grid_dependency_wait();\n"
+for _n in (4, 16, 64):
+    PATCHES[f"l2pf{_n}"] = [(WAIT, (
+        "      for (int j = j0; j < min(j1, j0 + %d); ++j)\n"
+        "        for (int w = 0; w < wgs; ++w)\n"
+        "          bulk_prefetch_l2(wpack + ((size_t)tn * SL + w) * slab + (size_t)j * CHUNK4, j == G ? CHUNK8 : CHUNK4);\n"
+        % _n) + WAIT)]
 SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096),
           ("llama-2-70b", "gate_up", 57344, 8192), ("llama-2-70b", "down", 8192, 28672)]
 
@@ -91,6 +104,8 @@ def main() -> None:
     ap.add_argument("--variants", default="base,nofold,nomma,noact,stream")
     ap.add_argument("--m-list", default="1,16,128,1024,8192")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--linear", action="store_true",
+                    help="time every variant as the whole linear (quantization, then the GEMM as a dependent launch)")
     args = ap.parse_args()
     variants, m_list = args.variants.split(","), [int(v) for v in args.m_list.split(",")]
     cfg = AtomConfig()
@@ -116,7 +131,7 @@ def main() -> None:
                 sets.append((x, qa, sa, packs[i % n_w]))
             for v in variants:
                 use_kernels(dirs[v])
-                if v == "linear":
+                if v == "linear" or args.linear:
                     def fn(x, qa, sa, wp, n=n, o=o, r=reorder):
                         return torch.ops.vllm_atom.atom_linear_sm90(x, wp, r, None, n, o, cfg.a_clip)
                 else:
@@ -134,7 +149,8 @@ def main() -> None:
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),
-                                   patches={v: PATCHES.get(v, v) for v in variants}, rows=rows), indent=1))
+                                   patches={v: PATCHES.get(v, v) for v in variants}, linear=args.linear,
+                                   rows=rows), indent=1))
     print(f"wrote {out}")
 
 

@@ -20,6 +20,8 @@ from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, 
                                          sm90_plan, sm90_stages)
 
 ACT_THREADS = 256
+# act_quant.cu's kernels: plain, and fused with the producers of `vllm_atom.serve.fusion`
+ACT_KERNELS = ("act_quant", "rmsnorm_act_quant", "fused_add_rmsnorm_act_quant", "silu_mul_act_quant")
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -300,7 +302,7 @@ def prepare_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype
 def _compile_sm90(dev: int, n: int, steps: int, dtype: torch.dtype) -> None:
     """Compile every kernel a prepacked linear of this shape can launch (once per shape: the
     layers of a model share a few)."""
-    for name in ("act_quant", "rmsnorm_act_quant", "silu_mul_act_quant"):
+    for name in ACT_KERNELS:
         _loader.kernel("act_quant.cu", name, _act_defines(dtype, True), dev)
     for cfg in sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev)):
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
@@ -314,7 +316,7 @@ def prepare(qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, dtype) 
     dev = qweight.device.index
     _check_device(dev)
     _counters(dev)
-    for name in ("act_quant", "rmsnorm_act_quant", "silu_mul_act_quant"):
+    for name in ACT_KERNELS:
         _loader.kernel("act_quant.cu", name, _dtype_define(dtype), dev)
     for cfg in GEMM_CONFIGS:
         defines = _gemm_defines(cfg, dtype)

@@ -111,9 +111,13 @@ def sm90_width(m: int) -> int:
     return next((w for w in SM90_WIDTHS if m <= w), SM90_WIDTHS[-1])
 
 
+SM90_MAX_STAGES: int | None = None  # a cap for every config instead of 12 / 16 (bench_gemm --sweep-stages)
+
+
 def sm90_stages(bn: int, wgc: int = 2, ks: int = 1) -> int:
     """As many stages as fit in shared memory (at most 12 with two warpgroups on two slabs, else 16)."""
-    for stages in range(12 if (wgc, ks) == (2, 1) else 16, 1, -1):
+    cap = SM90_MAX_STAGES or (12 if (wgc, ks) == (2, 1) else 16)
+    for stages in range(cap, 1, -1):
         if Sm90Config(bn, wgc, stages, 1, ks).smem_bytes <= SM90_SMEM:
             return stages
     raise ValueError(f"no sm90 pipeline fits for BN={bn}")
