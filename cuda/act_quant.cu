@@ -52,6 +52,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// rsqrt(mean of squares + eps) of a row, from each thread's partial sum ss (every thread calls it).
+__device__ __forceinline__ float row_rsqrt(float ss, int K, float eps) {
+  __shared__ float partial[WARPS];
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += partial[w];
+  return rsqrtf(total / (float)K + eps);
+}
+
 __device__ __forceinline__ int quant(float v, float scale, float lo, float hi) {
   return scale > 0.0f ? (int)fminf(fmaxf(rintf(__fdiv_rn(v, scale)), lo), hi) : 0;
 }
@@ -123,7 +135,6 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
                   i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
-  __shared__ float partial[WARPS];
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   float ss = 0.0f;
   for (int i = threadIdx.x; i < K / 8; i += THREADS) {
@@ -136,13 +147,7 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
       ss += f * f;
     }
   }
-  ss = warp_sum(ss);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) total += partial[w];
-  const float rs = rsqrtf(total / (float)K + eps);
+  const float rs = row_rsqrt(ss, K, eps);
   const uint4* wv = (const uint4*)norm_w;
   for (int i = threadIdx.x; i < K / 8; i += THREADS) {
     Vec8 d, w;
@@ -167,7 +172,6 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
                             i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
-  __shared__ float partial[WARPS];
   uint4* res_row = (uint4*)(row + K);
   const size_t off = (size_t)blockIdx.x * K;
   const uint4* src = (const uint4*)(x + off);
@@ -188,13 +192,7 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
     }
     if (blockIdx.y == 0) rdst[i] = o.v;
   }
-  ss = warp_sum(ss);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) total += partial[w];
-  const float rs = rsqrtf(total / (float)K + eps);
+  const float rs = row_rsqrt(ss, K, eps);
   const uint4* wv = (const uint4*)norm_w;
   for (int i = threadIdx.x; i < K / 8; i += THREADS) {  // same i per thread as above: in place
     Vec8 d, r, w;

@@ -69,7 +69,7 @@ def _quantize(args) -> int:
     cfg = AtomConfig(n_outliers=args.n_outliers, row_shards=args.row_shards,
                      kv_bits=None if args.kv_bits == 16 else args.kv_bits,
                      a_clip=args.a_clip, w_clip=args.w_clip, kv_smooth=args.kv_smooth,
-                     kv_skip_layers=skip)
+                     kv_skip_layers=skip, rotation=args.seed if args.rotate else None)
     opts = QuantizeOptions(nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                            metric=args.metric, gptq=not args.no_gptq, damp=args.damp,
                            clip_search=args.w_clip_search, seed=args.seed, kv_skip_threshold=threshold)
@@ -158,6 +158,9 @@ def build_parser() -> Parser:
     q.add_argument("--w-clip-search", action="store_true",
                    help="choose each weight group's clip ratio (0.6-1.0) by its rounding error, "
                         "weighted by the input's second moments, instead of --w-clip")
+    q.add_argument("--rotate", action="store_true",
+                   help="fold a random Hadamard rotation of the residual stream into the weights first "
+                        "(QuaRot's R1; norms folded, lm_head untied; the checkpoint runs as usual)")
     q.add_argument("--kv-smooth", type=Number(float, 0, 1), default=0.5,
                    help="key smoothing exponent folded into q_proj/k_proj (0 = off)")
     q.add_argument("--kv-skip-layers", type=_kv_skip_arg, default="",
@@ -166,7 +169,7 @@ def build_parser() -> Parser:
                         "also keeps every layer whose attention output INT4 K/V change by more "
                         "than THRESHOLD (relative L2, default 0.5) on the calibration data")
     q.add_argument("--seed", type=Number(int, lo=0), default=0,
-                   help="seed of the calibration window choice")
+                   help="seed of the calibration window choice (and of --rotate's rotation)")
     q.set_defaults(fn=_quantize, parser=q)
 
     e = sub.add_parser("eval", help="perplexity / KL / top-1 of simulated quantization",

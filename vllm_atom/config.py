@@ -42,6 +42,9 @@ class AtomConfig:
             few layers (Qwen2.5: layers 0 and 1), where per-token INT4 keys fail.
         row_shards: tensor-parallel shard count the row-parallel layers (o_proj,
             down_proj) were reordered for; each shard has its own reorder and outliers.
+        rotation: the seed of the residual-stream rotation the quantizer folded into the weights
+            (``vllm-atom quantize --rotate``, `vllm_atom.quantize.rotate`), or None. Informational:
+            the checkpoint's embeddings, norms and lm_head are the rotated ones, so it runs as is.
         format_version: on-disk format version (see `vllm_atom.format`).
     """
 
@@ -56,6 +59,7 @@ class AtomConfig:
     kv_smooth: float = 0.5
     kv_skip_layers: tuple[int, ...] = ()
     row_shards: int = 1
+    rotation: int | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -78,6 +82,8 @@ class AtomConfig:
         object.__setattr__(self, "kv_skip_layers", tuple(sorted(set(skip))))
         _check(_is_int(self.row_shards) and self.row_shards >= 1, "row_shards", self.row_shards,
                "a positive integer")
+        _check(self.rotation is None or (_is_int(self.rotation) and self.rotation >= 0), "rotation",
+               self.rotation, "null or a non-negative integer seed")
         _check(self.format_version in SUPPORTED_FORMAT_VERSIONS, "format_version",
                self.format_version, f"one of {SUPPORTED_FORMAT_VERSIONS}")
 

@@ -196,6 +196,11 @@ def ladder_states(sim: SimModel, method: str, atom_states: Optional[list], cfg: 
     return states
 
 
+def _rotated(ckpt) -> bool:
+    q = read_model_config(ckpt, "checkpoint directory").get("quantization_config") or {}
+    return q.get("rotation") is not None
+
+
 def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[int],
                       methods: Optional[Sequence[str]], pipeline: str) -> tuple:
     """Fail before the model loads: ValueError / InputError on bad arguments or directories.
@@ -214,6 +219,9 @@ def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[
             raise InputError(f"{checkpoint}: not an Atom checkpoint (config.json has no "
                              f"quantization_config with quant_method 'atom')")
     ckpt_only = is_atom_checkpoint(model_path)
+    if checkpoint is not None and not ckpt_only and _rotated(checkpoint):
+        raise InputError(f"{checkpoint}: quantized with --rotate, so its linears only fit its own (rotated) "
+                         f"embeddings and norms; evaluate it on its own: vllm-atom eval {checkpoint}")
     if ckpt_only:
         if checkpoint is not None:
             raise ValueError("give either an Atom checkpoint as MODEL or --checkpoint, not both")

@@ -48,6 +48,7 @@ from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
+from vllm_atom.quantize.rotate import rotate_model
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
 from vllm_atom.simulate import (ActScheme, SimLinear, SimState, permute_columns, run_layer,
                                 set_kv_bits, use_sim_attention, wrap_linears)
@@ -440,6 +441,8 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
     io_dtype = next(model.parameters()).dtype
+    if cfg.rotation is not None:  # before anything reads the weights (unties lm_head)
+        rotate_model(model, cfg.rotation)
     use_sim_attention(model)
     writer = CheckpointWriter(out_dir, opts.max_shard_bytes)
     write_unquantized(model, writer)  # first: embeddings, norms, lm_head
@@ -451,6 +454,8 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     cfg = dataclasses.replace(cfg, kv_skip_layers=skip)
     report.kv_skip_layers = list(cfg.kv_skip_layers)
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+    if cfg.rotation is not None:
+        hf_config["tie_word_embeddings"] = False  # the rotation untied lm_head
     writer.finish(hf_config, cfg, source_dir=model_dir)
     report.layers = len(layers)
     report.seconds = round(time.time() - t0, 1)
