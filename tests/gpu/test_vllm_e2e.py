@@ -238,8 +238,8 @@ def test_vllm_fusion_keeps_outputs(arch, tokenizer_dir, texts, tmp_path):
     another order and use IEEE exp / division where Triton's are approximate, so an input element
     can land an ulp away, which the INT4 quantization and this random model amplify (the module
     docstring): prompt top-1 agreement >= 98 % between the two runs, and the fused run no further
-    from the simulated reference than the unfused one. Greedy continuations are reported: on the
-    H200 (56ac80f) 3 of 8 24-token continuations were identical, the prompt top-1 agreement 98.7 %."""
+    from the simulated reference than the unfused one. Greedy continuations are reported (measured:
+    cuda/NOTES.md, results/serving-fusion-h200.json)."""
     from vllm_atom.serve.fusion import FUSION_ENV
 
     calib, evaltext = texts

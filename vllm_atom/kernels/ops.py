@@ -81,10 +81,13 @@ def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int, sm90: bool):
 # computes them: Inductor keeps fp32 between the fused pointwise ops (it elides the downcast /
 # upcast pairs of eager PyTorch), so each output is rounded to the 16-bit dtype once.
 
+def _rms_norm_f32(xf: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """vLLM's RMSNorm compiled: x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once to x.dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return _rms_norm_f32(x.float(), weight, eps, x.dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -92,7 +95,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """vLLM's fused add + RMSNorm compiled: s = x + residual in fp32; returns (`rms_norm` of the
     unrounded s, s rounded to x.dtype: the next residual)."""
     s = x.float() + residual.float()
-    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype), s.to(x.dtype)
+    return _rms_norm_f32(s, weight, eps, x.dtype), s.to(x.dtype)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
