@@ -52,6 +52,14 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
+// Waits until the grid this one was launched after (programmatic dependent launch) has finished
+// and its writes are visible; returns at once after a normal launch and before sm_90.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
 }

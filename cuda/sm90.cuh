@@ -38,10 +38,6 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
       "}\n" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
-// Waits until the grid this one was launched after (programmatic dependent launch) has finished
-// and its writes are visible; returns at once after a normal launch.
-__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-
 // ---- bulk copies global -> shared, completion counted in bytes on an mbarrier ----
 
 __device__ __forceinline__ u64 policy_evict_first() {

@@ -27,7 +27,8 @@
 // producer warpgroup (its registers handed to the consumers with setmaxnreg) whose first thread
 // streams each step (weights, activations, scales) into one of STAGES shared-memory stages with
 // bulk async copies, after griddepcontrol.wait (the host launches this kernel as a programmatic
-// dependent of the activation quantization, which lets it start at once).
+// dependent of the activation quantization, which lets it start at once); each CTA first lets the
+// kernel after it (the next quantization, also a programmatic dependent) launch.
 // Grid (tiles_m * tiles_n, CS), cluster (1, CS, 1); tiles rasterized in groups of 8 M-tiles.
 #include "sm90.cuh"
 
@@ -174,6 +175,9 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   u64* full = (u64*)(smem + STAGES * STAGE_BYTES);
   u64* empty = full + STAGES;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  // The next kernel (the following linear's quantization, a programmatic dependent) may launch
+  // now; it waits for this grid's end before it reads anything.
+  allow_dependents();
 
   const int pid = blockIdx.x, in_group = GROUP_M * tiles_n;
   const int first_m = (pid / in_group) * GROUP_M;

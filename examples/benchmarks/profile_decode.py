@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=args.timeout)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("PROFILE ")), None)
             row = json.loads(line[8:]) if line else {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
-        except subprocess.TimeoutExpired:
-            row = {"error": f"timed out after {args.timeout:.0f} s"}
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            row = {"error": f"timed out after {args.timeout:.0f} s", "stderr_tail": err.splitlines()[-5:]}
         rows.append({"config": name, "model": args.model, "batch": args.batch, "steps": args.steps, **row})
         print(f"{name}: " + (json.dumps(row["us_per_step"]) if "us_per_step" in row else row["error"]), flush=True)
     out = Path(args.out)

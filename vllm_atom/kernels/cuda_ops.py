@@ -95,7 +95,8 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (ACT_THREADS, 1, 1),
                    (x.data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
                     np.int32(kn), np.int32(n_outliers), np.float32(a_clip), qa.data_ptr(), sa.data_ptr(),
-                    np.int32(ld), np.int32(per_cta)), smem, dev)
+                    np.int32(ld), np.int32(per_cta)), smem, dev,
+                   dependent=sm90)  # set up while the GEMM before it (its producer) ends
     return qa, sa
 
 
