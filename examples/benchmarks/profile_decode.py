@@ -22,6 +22,7 @@ import gzip
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,9 @@ def child(args) -> None:
     kw = dict(zip((a.lstrip("-").replace("-", "_") for a in extra[::2]), extra[1::2]))
     llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024,
               gpu_memory_utilization=0.5, enable_prefix_caching=False, seed=0,
-              profiler_config={"profiler": "torch", "torch_profiler_dir": trace_dir,
-                               "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}, **kw)
+              profiler_config={"profiler": "torch", "torch_profiler_dir": trace_dir, "ignore_frontend": True,
+                               "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False,
+                               "torch_profiler_dump_cuda_time_total": False}, **kw)
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 1000 + 10 for j in range(16)]) for i in range(args.batch)]
     params = SamplingParams(max_tokens=args.steps, temperature=0.0, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
@@ -130,13 +132,18 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = bench_e2e.write_model_dir(root, args.model, bench_e2e.MODELS[args.model], quant.checkpoint, tok)
         cmd = [sys.executable, __file__, "--batch", str(args.batch), "--steps", str(args.steps),
                "--child", str(model_dir), json.dumps(list(quant.args)), str(root / f"trace-{name}")]
+        # a session of its own, so that a timeout also ends the engine core it started (else it
+        # keeps its GPU memory and the next config fails to start)
+        p = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
         try:
-            p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=args.timeout)
-            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("PROFILE ")), None)
-            row = json.loads(line[8:]) if line else {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
-        except subprocess.TimeoutExpired as e:
-            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-            row = {"error": f"timed out after {args.timeout:.0f} s", "stderr_tail": err.splitlines()[-5:]}
+            stdout, stderr = p.communicate(timeout=args.timeout)
+            line = next((ln for ln in stdout.splitlines() if ln.startswith("PROFILE ")), None)
+            row = json.loads(line[8:]) if line else {"error": (stderr.strip().splitlines() or ["?"])[-1][:300]}
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            _, stderr = p.communicate()
+            row = {"error": f"timed out after {args.timeout:.0f} s", "stderr_tail": stderr.splitlines()[-5:]}
         rows.append({"config": name, "model": args.model, "batch": args.batch, "steps": args.steps, **row})
         print(f"{name}: " + (json.dumps(row["us_per_step"]) if "us_per_step" in row else row["error"]), flush=True)
     out = Path(args.out)
