@@ -66,3 +66,40 @@ def test_dependent_launch_errors(monkeypatch):
         _loader._launch_dependent(_FakeFn(), (1, 1, 1), (32, 1, 1), (0,), 0, 0)
     with pytest.raises(TypeError, match="np.int32"):
         _loader._launch_dependent(_FakeFn(), (1, 1, 1), (32, 1, 1), (np.int64(3),), 0, 0)
+
+
+@pytest.mark.parametrize("env, launched", [(None, {1}), ("0", set()), ("1", {1}), ("2", {1, 2})])
+def test_pdl_levels(monkeypatch, env, launched):
+    """VLLM_ATOM_PDL picks which launches are programmatic dependents: level 1 the sm90 GEMM after
+    its quantization (default), 2 also the quantization after a GEMM; the others launch normally."""
+    import torch
+
+    class _Stream:
+        cuda_stream = 0xBEEF
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: _Stream())
+    monkeypatch.setattr(_loader, "_stream", lambda stream, index: stream)
+    dependent = []
+    monkeypatch.setattr(_loader, "_launch_dependent", lambda fn, *a: dependent.append(fn.level))
+    if env is None:
+        monkeypatch.delenv(_loader.PDL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_loader.PDL_ENV, env)
+    normal = []
+
+    class _Fn:
+        def __init__(self, level):
+            self.level = level
+
+        def __call__(self, grid, block, args, shared_mem, stream):
+            normal.append(self.level)
+
+    for level in (0, 1, 2):
+        _loader.launch(_Fn(level), (1, 1, 1), (32, 1, 1), (), 0, 0, dependent=level)
+    assert set(dependent) == launched and set(normal) == {0, 1, 2} - launched
+
+
+def test_pdl_level_must_be_a_number(monkeypatch):
+    monkeypatch.setenv(_loader.PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="VLLM_ATOM_PDL must be 0, 1 or 2"):
+        _loader.pdl_level()

@@ -27,7 +27,7 @@ from cupy_backends.cuda.libs import nvrtc
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "VLLM_ATOM_KERNEL_CACHE"
-PDL_ENV = "VLLM_ATOM_PDL"  # "0": launch without programmatic dependent launch (see `launch`)
+PDL_ENV = "VLLM_ATOM_PDL"  # the level of programmatic dependent launch, "0" none (see `launch`)
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -215,21 +215,30 @@ def _stream(ptr: int, device_index: int):
 
 
 def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int, device_index: int,
-           dependent: bool = False) -> None:
+           dependent: int = 0) -> None:
     """Launch on torch's current stream. ``args``: ints are pointers unless given as np.int32/np.float32.
 
-    ``dependent``: a programmatic dependent launch (`cuLaunchKernelEx` with programmatic stream
-    serialization; kept in CUDA graphs): the kernel may start while the kernel before it on the
-    stream still runs, once that one has executed `griddepcontrol.launch_dependents` (or
-    exited), and must itself execute `griddepcontrol.wait` before touching that kernel's output.
-    Off with VLLM_ATOM_PDL=0."""
+    ``dependent`` > 0: a programmatic dependent launch (`cuLaunchKernelEx` with programmatic stream
+    serialization; kept in CUDA graphs) when VLLM_ATOM_PDL (default 1) is at least ``dependent``:
+    the kernel may start while the kernel before it on the stream still runs, once that one has
+    executed `griddepcontrol.launch_dependents` (or exited), and must itself execute
+    `griddepcontrol.wait` before touching that kernel's output. Levels: 1 the sm90 GEMM after its
+    quantization, 2 also the quantization after a GEMM; 0 none."""
     import torch
 
     stream = torch.cuda.current_stream(device_index).cuda_stream
-    if dependent and os.environ.get(PDL_ENV, "1") != "0":
+    if 0 < dependent <= pdl_level():
         return _launch_dependent(fn, grid, block, args, smem, stream)
     fn(grid, block, tuple(np.uint64(a) if isinstance(a, int) else a for a in args),
        shared_mem=smem, stream=_stream(stream, device_index))
+
+
+def pdl_level() -> int:
+    """VLLM_ATOM_PDL as an integer (default 1; see `launch`)."""
+    value = os.environ.get(PDL_ENV, "1")
+    if not value.isdigit():
+        raise ValueError(f"{PDL_ENV} must be 0, 1 or 2, got {value!r}")
+    return int(value)
 
 
 def _launch_dependent(fn, grid, block, args, smem: int, stream: int) -> None:

@@ -96,7 +96,7 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
                    (x.data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
                     np.int32(kn), np.int32(n_outliers), np.float32(a_clip), qa.data_ptr(), sa.data_ptr(),
                     np.int32(ld), np.int32(per_cta)), smem, dev,
-                   dependent=sm90)  # set up while the GEMM before it (its producer) ends
+                   dependent=2 if sm90 else 0)  # VLLM_ATOM_PDL=2: starts while the GEMM before it ends
     return qa, sa
 
 
@@ -277,7 +277,7 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
                    (qa.data_ptr(), sa.data_ptr(), wpack.data_ptr(), 0 if bias is None else bias.data_ptr(),
                     out.data_ptr(), np.int32(m), np.int32(mp), np.int32(n), np.int32(g), np.int32(int(has_o)),
                     np.int32(slabs), np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)),
-                   cfg.smem_bytes, dev, dependent=True)  # set up while the quantization runs
+                   cfg.smem_bytes, dev, dependent=1)  # set up while the quantization runs
     return out
 
 
