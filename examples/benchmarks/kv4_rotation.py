@@ -1,0 +1,103 @@
+"""Which half of the INT4 KV cache costs perplexity, and how much a per-head Hadamard rotation wins back.
+
+Simulation only (no kernel does this yet; issue 16): the model's 16-bit weights, every attention's
+K and / or V fake-quantized to INT4 per (token, head) after RoPE as `reference.quantize_kv` does,
+optionally in a rotated basis: X' = fq(X H) H^T with H the normalised Sylvester Hadamard matrix of
+head_dim. For K that is what rotating Q and K online after RoPE computes ((Q H)(fq(K H))^T =
+Q fq'(K)^T); for V what H folded into v_proj's rows and o_proj's columns computes.
+
+    python examples/benchmarks/kv4_rotation.py MODEL_DIR [--text wiki] [--max-tokens 16384]
+        [--variants nokv,base,k,v,hk,hv,hkv] [--out results/kv4-rotation-<model>.json]
+
+Variants: nokv (no KV quantization), base (K and V INT4), k / v (only that one INT4), hk / hv (both
+INT4, that one rotated), hkv (both rotated). One `vllm-atom eval --methods fp16` pass per variant
+(CPU: ~3.5 min per 16k tokens of SmolLM2-135M on 2 cores). Writes the rows with their per-window
+NLL, and prints the cost of each variant over nokv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from vllm_atom import evaluate, simulate
+from vllm_atom import reference as ref
+from vllm_atom.cli import main as cli_main
+
+# variant -> (quantize K, quantize V, rotate K, rotate V)
+VARIANTS = {"nokv": None, "base": (1, 1, 0, 0), "k": (1, 0, 0, 0), "v": (0, 1, 0, 0),
+            "hk": (1, 1, 1, 0), "hv": (1, 1, 0, 1), "hkv": (1, 1, 1, 1)}
+_current: list = [None]
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix [d, d] (d a power of two), fp32."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    if h.shape[0] != d:
+        raise ValueError(f"head_dim {d} is not a power of two")
+    return h / math.sqrt(d)
+
+
+def fake_quantize(x: torch.Tensor, rotate: bool) -> torch.Tensor:
+    if not rotate:
+        return ref.fake_quantize_kv(x)
+    h = hadamard(x.shape[-1]).to(x.device)
+    return (ref.fake_quantize_kv((x.float() @ h).to(x.dtype)).float() @ h.T).to(x.dtype)
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    flags = _current[0]
+    if flags is not None:
+        qk, qv, rk, rv = flags
+        dt = getattr(module, "atom_io_dtype", torch.float16)
+        if qk:
+            key = fake_quantize(key.to(dt), bool(rk)).to(query.dtype)
+        if qv:
+            value = fake_quantize(value.to(dt), bool(rv)).to(query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--text", default="wiki")
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    if "nokv" not in names:
+        names.insert(0, "nokv")
+    # the fp16 method with the attention wrapper on (kv_bits 4 routes every layer through it)
+    simulate._atom_sim_attention = _attention
+    keep = evaluate.set_kv_bits
+    evaluate.set_kv_bits = lambda mods, kv, dt: keep(mods, 4, dt)
+    rows = {}
+    tmp = Path("/tmp/kv4-rotation")
+    tmp.mkdir(exist_ok=True)
+    for name in names:
+        _current[0] = VARIANTS[name]
+        path = tmp / f"{name}.json"
+        path.unlink(missing_ok=True)
+        cli_main(["eval", args.model, "--text", args.text, "--methods", "fp16",
+                  "--max-tokens", str(args.max_tokens), "--json", str(path)])
+        (row,) = json.loads(path.read_text())
+        rows[name] = {k: row[k] for k in ("ppl", "tokens", "predicted_tokens", "text", "window_nll")}
+    base = rows["nokv"]["ppl"]
+    for name, row in rows.items():
+        row["cost_over_nokv"] = round(row["ppl"] / base - 1, 4)
+        print(f"{name:>5}  ppl {row['ppl']:8.3f}  {100 * row['cost_over_nokv']:+6.1f} %")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": Path(args.model).name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
