@@ -23,7 +23,8 @@
 // Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
 // steps [y*steps_per_cta, (y+1)*steps_per_cta) of row blockIdx.x (a step = a group or the outliers).
 // Each CTA first lets a programmatically dependent kernel (the sm90 GEMM) start, then waits for
-// the kernel before it (launched as a programmatic dependent on sm_90: a GEMM whose output is x).
+// the kernel before it (with VLLM_ATOM_PDL=2 this one is launched as a programmatic dependent of
+// the GEMM whose output is x; after a normal launch the wait returns at once).
 #include "common.cuh"
 
 #define THREADS 256
@@ -123,7 +124,7 @@ act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int
           float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
-  grid_dependency_wait();  // launched as a dependent of the kernel before (a GEMM): its output is x
+  grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   for (int i = threadIdx.x; i < K / 8; i += THREADS) ((uint4*)row)[i] = src[i];
   __syncthreads();
@@ -137,7 +138,7 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
                   i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
-  grid_dependency_wait();  // launched as a dependent of the kernel before (a GEMM): its output is x
+  grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   float ss = 0.0f;
   for (int i = threadIdx.x; i < K / 8; i += THREADS) {
@@ -175,7 +176,7 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
                             i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
-  grid_dependency_wait();  // launched as a dependent of the kernel before (a GEMM): its output is x
+  grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   uint4* res_row = (uint4*)(row + K);
   const size_t off = (size_t)blockIdx.x * K;
   const uint4* src = (const uint4*)(x + off);
@@ -221,7 +222,7 @@ silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, i
                    int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
-  grid_dependency_wait();  // launched as a dependent of the kernel before (a GEMM): its output is x
+  grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   const uint4* gate = (const uint4*)(x + (size_t)blockIdx.x * 2 * K);
   const uint4* up = gate + K / 8;
   for (int i = threadIdx.x; i < K / 8; i += THREADS) {

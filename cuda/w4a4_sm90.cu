@@ -28,7 +28,8 @@
 // streams each step (weights, activations, scales) into one of STAGES shared-memory stages with
 // bulk async copies, after griddepcontrol.wait (the host launches this kernel as a programmatic
 // dependent of the activation quantization, which lets it start at once); each CTA first lets the
-// kernel after it (the next quantization, also a programmatic dependent) launch.
+// kernel after it launch if that one is a programmatic dependent (the next quantization with
+// VLLM_ATOM_PDL=2).
 // Grid (tiles_m * tiles_n, CS), cluster (1, CS, 1); tiles rasterized in groups of 8 M-tiles.
 #include "sm90.cuh"
 
@@ -175,8 +176,8 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   u64* full = (u64*)(smem + STAGES * STAGE_BYTES);
   u64* empty = full + STAGES;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // The next kernel (the following linear's quantization, a programmatic dependent) may launch
-  // now; it waits for this grid's end before it reads anything.
+  // A programmatic dependent after this kernel (the next linear's quantization with VLLM_ATOM_PDL=2)
+  // may launch now; it waits for this grid's end before it reads anything.
   allow_dependents();
 
   const int pid = blockIdx.x, in_group = GROUP_M * tiles_n;
