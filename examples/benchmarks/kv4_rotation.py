@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from vllm_atom import evaluate, simulate
 from vllm_atom import reference as ref
 from vllm_atom.cli import main as cli_main
+from vllm_atom.quantize.rotate import hadamard
 
 # variant -> (quantize K, quantize V, rotate K, rotate V)
 VARIANTS = {"nokv": None, "base": (1, 1, 0, 0), "k": (1, 0, 0, 0), "v": (0, 1, 0, 0),
@@ -34,20 +35,10 @@ VARIANTS = {"nokv": None, "base": (1, 1, 0, 0), "k": (1, 0, 0, 0), "v": (0, 1, 0
 _current: list = [None]
 
 
-def hadamard(d: int) -> torch.Tensor:
-    """Normalised Sylvester Hadamard matrix [d, d] (d a power of two), fp32."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    if h.shape[0] != d:
-        raise ValueError(f"head_dim {d} is not a power of two")
-    return h / math.sqrt(d)
-
-
 def fake_quantize(x: torch.Tensor, rotate: bool) -> torch.Tensor:
     if not rotate:
         return ref.fake_quantize_kv(x)
-    h = hadamard(x.shape[-1]).to(x.device)
+    h = hadamard(x.shape[-1]).to(x.device, torch.float32)
     return (ref.fake_quantize_kv((x.float() @ h).to(x.dtype)).float() @ h.T).to(x.dtype)
 
 
@@ -81,12 +72,10 @@ def main() -> None:
     keep = evaluate.set_kv_bits
     evaluate.set_kv_bits = lambda mods, kv, dt: keep(mods, 4, dt)
     rows = {}
-    tmp = Path("/tmp/kv4-rotation")
-    tmp.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="kv4-rotation-"))
     for name in names:
         _current[0] = VARIANTS[name]
         path = tmp / f"{name}.json"
-        path.unlink(missing_ok=True)
         cli_main(["eval", args.model, "--text", args.text, "--methods", "fp16",
                   "--max-tokens", str(args.max_tokens), "--json", str(path)])
         (row,) = json.loads(path.read_text())

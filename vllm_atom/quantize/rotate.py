@@ -23,14 +23,21 @@ from torch import nn
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
+def hadamard(a: int) -> torch.Tensor:
+    """The normalised Walsh-Hadamard (Sylvester) matrix, float64 [a, a], a a power of two."""
+    if a <= 0 or a & (a - 1):
+        raise ValueError(f"a Hadamard matrix needs a power of two, got {a}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < a:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / a ** 0.5
+
+
 def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
     """An orthogonal float64 [d, d] matrix (see the module docstring)."""
     a = d & -d  # largest power of two dividing d
     b = d // a
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < a:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    h = h / a ** 0.5
+    h = hadamard(a)
     g = torch.Generator().manual_seed(seed)
     r = torch.ones(1, 1, dtype=torch.float64)
     if b > 1:
