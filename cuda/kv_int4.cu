@@ -16,6 +16,9 @@
 //   part_o fp32 [tokens, Hq, S, D], part_ml fp32 [tokens, Hq, S, 2] (split-K partials, S > 1).
 // The write kernel's numerics are those of vllm_atom.reference.quantize_kv operation for
 // operation (IEEE division, rintf), so the cache bytes match the reference exactly.
+// ROTATE_K = 1: keys are stored in a Hadamard basis (reference.hadamard_rotate of each (token,
+// head) row, before quantization) and the attention rotates each query row the same way on load,
+// so q . k is unchanged; V and the output are not rotated.
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -28,8 +31,8 @@
 #define NT (D / 8)            // P.V n-tiles of 8 output dims
 // TILE (tokens per tile; block_size is a multiple), WARPS (per CTA) and STAGES (cp.async ring
 // depth per warp, contiguous-tile kernel) come from vllm_atom/kernels/kv_int4.py as -D defines.
-#if !defined(TILE) || !defined(WARPS) || !defined(STAGES)
-#error "TILE, WARPS and STAGES are -D defines from vllm_atom.kernels.kv_int4._defines"
+#if !defined(TILE) || !defined(WARPS) || !defined(STAGES) || !defined(ROTATE_K)
+#error "TILE, WARPS, STAGES and ROTATE_K are -D defines from vllm_atom.kernels.kv_int4._defines"
 #endif
 #if TILE != 16
 #error "TILE must be 16: a tile fills the mma fragments (two n = 8 QK^T tiles, the k = 16 of P.V)"
@@ -38,6 +41,41 @@
 #define NEG_INF __int_as_float(0xff800000)
 
 typedef unsigned char u8;
+
+// Normalised Walsh-Hadamard transform of one D-long row held by LANES consecutive lanes
+// (lane-major, N values each; LANES * N = D), in place: reference.hadamard_rotate operation for
+// operation (butterflies over index bits 0, 1, ... in turn, low = a + b, high = a - b, then one
+// multiply by fp32(1/sqrt(D))), so the results match it bit for bit. `part` = this lane's index
+// within its LANES; every lane of the warp must take part (shuffles).
+#if D == 64
+#define HADAMARD_SCALE 0.125f
+#else
+#define HADAMARD_SCALE 0.0883883476483184405f  // 1/sqrt(128)
+#endif
+template <int N, int LANES>
+__device__ __forceinline__ void hadamard_row(float (&x)[N], int part) {
+#pragma unroll
+  for (int h = 1; h < N; h <<= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (!(i & h)) {
+        const float a = x[i], b = x[i + h];
+        x[i] = __fadd_rn(a, b);
+        x[i + h] = __fsub_rn(a, b);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < LANES; m <<= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float o = __shfl_xor_sync(0xffffffffu, x[i], m);
+      x[i] = (part & m) ? __fsub_rn(o, x[i]) : __fadd_rn(x[i], o);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) x[i] = __fmul_rn(x[i], HADAMARD_SCALE);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Cache write: one warp per (token, head, K or V). Lane l quantizes elements [l*E, l*E+E).
@@ -60,10 +98,12 @@ kv_int4_write(const u16* __restrict__ key, const u16* __restrict__ value, u8* __
   const u16* src = which ? value + tok * v_ts + head * v_hs : key + tok * k_ts + head * k_hs;
 
   float x[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) x[i] = to_float(src[lane * E + i]);
+  if (ROTATE_K && which == 0) hadamard_row<E, 32>(x, lane);  // `which` is the same for the whole warp
   float mn = 3.0e38f, mx = -3.0e38f;
 #pragma unroll
   for (int i = 0; i < E; ++i) {
-    x[i] = to_float(src[lane * E + i]);
     mn = fminf(mn, x[i]);
     mx = fmaxf(mx, x[i]);
   }
@@ -328,20 +368,31 @@ __device__ __forceinline__ void attention_unit(
     head[r] = kvh * G + row % G;
     pos[r] = ok ? ctx + row / G : -1;
   }
-  // Q fragments in the permuted k order (see the comment above) and the row sums of Q.
+  // Q fragments in the permuted k order (see the comment above) and the row sums of Q. Thread t
+  // of a quad holds elements [t*D/4, t*D/4 + D/4) of the row; with ROTATE_K the quad rotates the
+  // row first (in fp32) and rounds it to the model dtype, as reference.paged_attention does.
   u32 qf[D / 16][4];
   float qsum[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const u16* qr = q + (long long)(tokq[r] < 0 ? 0 : tokq[r]) * q_ts + head[r] * q_hs + t * (D / 4);
+    union {
+      uint4 v[KW];
+      u16 h[8 * KW];
+    } row;
+#pragma unroll
+    for (int c = 0; c < KW; ++c) row.v[c] = tokq[r] < 0 ? make_uint4(0, 0, 0, 0) : *(const uint4*)(qr + 8 * c);
+    if (ROTATE_K) {
+      float x[D / 4];
+#pragma unroll
+      for (int i = 0; i < D / 4; ++i) x[i] = to_float(row.h[i]);
+      hadamard_row<D / 4, 4>(x, t);
+#pragma unroll
+      for (int i = 0; i < D / 4; ++i) row.h[i] = from_float(x[i]);
+    }
 #pragma unroll
     for (int c = 0; c < KW; ++c) {
-      union {
-        uint4 v;
-        u16 h[8];
-      } w;
-      w.v = tokq[r] < 0 ? make_uint4(0, 0, 0, 0) : *(const uint4*)(qr + 8 * c);
-      const u16* e = w.h;
+      const u16* e = row.h + 8 * c;
 #pragma unroll
       for (int i = 0; i < 8; ++i) qsum[r] += to_float(e[i]);
 #pragma unroll

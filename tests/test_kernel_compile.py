@@ -59,9 +59,10 @@ def test_compile_error_is_reported(tmp_path, monkeypatch):
         _loader.compile_cubin.__wrapped__("bad.cu", (), "sm_90")
 
 
+@pytest.mark.parametrize("rotate_k", [False, True])
 @pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_kv_int4_compiles(arch, head_dim, bf16):
+def test_kv_int4_compiles(arch, head_dim, bf16, rotate_k):
     dtype = torch.bfloat16 if bf16 else torch.float16
-    assert _loader.compile_cubin("kv_int4.cu", kv_int4._defines(head_dim, dtype), arch)
+    assert _loader.compile_cubin("kv_int4.cu", kv_int4._defines(head_dim, dtype, rotate_k), arch)

@@ -37,6 +37,12 @@ class AtomConfig:
             by it; attention scores unchanged) so that per-token INT4 keys are not
             dominated by a few large channels. 0 = none (checkpoints that predate it).
             Informational: the runtime computes the same either way.
+        kv_rotate_k: INT4 keys stored in a per-head Hadamard basis: each (token, head) key row is
+            rotated after RoPE by the normalised Walsh-Hadamard matrix before it is quantized,
+            and the query by the same matrix before QK^T (orthogonal, so q . k is unchanged);
+            a large channel is spread over the whole head instead of stretching its token's
+            INT4 range. V is not rotated. Runtime numerics: the cache write, the attention
+            kernels and the simulation all follow it. Checkpoints that predate it: False.
         kv_skip_layers: decoder layers whose KV cache stays 16-bit when kv_bits is 4 (vLLM:
             ``--kv-cache-dtype-skip-layers``). For models whose keys carry huge biases in a
             few layers (Qwen2.5: layers 0 and 1), where per-token INT4 keys fail.
@@ -57,6 +63,7 @@ class AtomConfig:
     w_clip: float = 0.85
     kv_bits: int | None = 4
     kv_smooth: float = 0.5
+    kv_rotate_k: bool = True
     kv_skip_layers: tuple[int, ...] = ()
     row_shards: int = 1
     rotation: int | None = None
@@ -76,6 +83,7 @@ class AtomConfig:
         _check(self.kv_bits in (4, None), "kv_bits", self.kv_bits, "4 or null")
         _check(isinstance(self.kv_smooth, (int, float)) and not isinstance(self.kv_smooth, bool)
                and 0.0 <= self.kv_smooth <= 1.0, "kv_smooth", self.kv_smooth, "a number in [0, 1]")
+        _check(isinstance(self.kv_rotate_k, bool), "kv_rotate_k", self.kv_rotate_k, "true or false")
         skip = self.kv_skip_layers
         _check(isinstance(skip, (list, tuple)) and all(_is_int(i) and i >= 0 for i in skip),
                "kv_skip_layers", skip, "a list of layer indices")
@@ -129,6 +137,7 @@ class AtomConfig:
                              f"this vllm-atom reads {SUPPORTED_FORMAT_VERSIONS}")
         fields = {k: v for k, v in d.items() if k in known}
         fields.setdefault("kv_smooth", 0.0)  # written before key smoothing existed
+        fields.setdefault("kv_rotate_k", False)  # written before the key rotation existed
         return cls(**fields)
 
 

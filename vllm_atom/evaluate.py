@@ -96,13 +96,15 @@ class SimModel:
         self.states: dict[str, list[dict[str, SimState]]] = {}
         self.kv: dict[str, Optional[int]] = {}
         self.kv_skip: dict[str, tuple] = {}
+        self.kv_rotate_k: dict[str, bool] = {}
         self.has_fp_weights = True
 
     def add_method(self, method: str, states: Optional[list], kv_bits: Optional[int] = None,
-                   kv_skip_layers: Sequence[int] = ()) -> None:
+                   kv_skip_layers: Sequence[int] = (), kv_rotate_k: bool = False) -> None:
         self.states[method] = states
         self.kv[method] = kv_bits
         self.kv_skip[method] = tuple(kv_skip_layers)
+        self.kv_rotate_k[method] = kv_rotate_k
 
     def activate(self, method: str) -> None:
         states = self.states[method]
@@ -111,7 +113,7 @@ class SimModel:
                 lin.state = None if states is None else states[i][m]
         for i, layer in enumerate(self.layers):
             kv = None if i in self.kv_skip[method] else self.kv[method]
-            set_kv_bits([layer.self_attn], kv, self.io_dtype)
+            set_kv_bits([layer.self_attn], kv, self.io_dtype, self.kv_rotate_k[method])
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -269,7 +271,7 @@ def add_methods(sim: SimModel, methods: Sequence[str], ckpt_only: bool, cfg: Opt
         if m == "atom":
             sim.add_method(m, atom)
         elif m == "atom-kv4":
-            sim.add_method(m, atom, 4, cfg.kv_skip_layers)
+            sim.add_method(m, atom, 4, cfg.kv_skip_layers, cfg.kv_rotate_k)
         elif m != "fp16":
             sim.add_method(m, ladder_states(sim, m, atom, cfg))
 
@@ -338,6 +340,7 @@ def result_rows(sim: SimModel, methods: Sequence[str], acc: dict, n_pred: int, c
             "top1": None if ckpt_only else round(a["top1"] / n_pred, 4),
             "kv_bits": sim.kv[m],
             **({"kv_skip_layers": list(sim.kv_skip[m])} if sim.kv_skip[m] else {}),
+            **({"kv_rotate_k": True} if sim.kv[m] == 4 and sim.kv_rotate_k[m] else {}),
             "pipeline": pipeline,
             "seconds_total": seconds,
             "window_nll": a["window_nll"],

@@ -239,9 +239,38 @@ def dequantize_kv(kv: QuantizedKV) -> torch.Tensor:
     return kv.q.float() * kv.scale.float()[..., None] + kv.zero.float()[..., None]
 
 
-def fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
-    """x -> dequantize_kv(quantize_kv(x)) in x.dtype."""
-    return dequantize_kv(quantize_kv(x)).to(x.dtype)
+def fake_quantize_kv(x: torch.Tensor, rotate: bool = False) -> torch.Tensor:
+    """x -> dequantize_kv(quantize_kv(x)) in x.dtype.
+
+    rotate: quantize in the Hadamard basis and rotate back, ``hadamard_rotate(dq(q(hadamard_rotate(x))))``:
+    what attention computes over a key cache written with ``rotate_k`` (where the query is rotated
+    instead, and rounded to its 16-bit dtype, which this form leaves out).
+    """
+    if not rotate:
+        return dequantize_kv(quantize_kv(x)).to(x.dtype)
+    return hadamard_rotate(dequantize_kv(quantize_kv(hadamard_rotate(x)))).to(x.dtype)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ H / sqrt(D)`` over the last dim (D a power of two), H the Sylvester Hadamard
+    matrix (H[i, j] = (-1)^popcount(i & j)); orthogonal and its own inverse.
+
+    Computed as the kernels do, so their results match bit for bit: butterflies over index bit
+    0, 1, ..., log2(D) - 1 in turn (low = a + b, high = a - b for the pair (a, b) differing in that
+    bit, fp32), then one fp32 multiply by fp32(1 / sqrt(D)).
+    """
+    d = x.shape[-1]
+    if d & (d - 1) or d < 2:
+        raise ValueError(f"hadamard_rotate needs a power-of-two last dim, got {d}")
+    y = x.float()
+    lead = y.shape[:-1]
+    h = 1
+    while h < d:
+        y = y.reshape(*lead, d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), -2)
+        h *= 2
+    return y.reshape(*lead, d) * torch.tensor(1.0 / d ** 0.5, dtype=torch.float32)
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -270,14 +299,16 @@ def _kv_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, rotate_k: bool = False) -> None:
     """Quantize key/value [T, H, D] and store token i at slot ``slot_mapping[i]``
     (= block * block_size + offset) of ``kv_cache``; slots < 0 (padding) are skipped. Only
-    ``len(slot_mapping)`` tokens are written, as in vLLM."""
+    ``len(slot_mapping)`` tokens are written, as in vLLM. rotate_k: the keys are quantized as
+    ``hadamard_rotate(key)`` (fp32), i.e. the cache holds rotated keys."""
     n = slot_mapping.shape[0]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    rec = torch.cat((_kv_half(key[:n][keep]), _kv_half(value[:n][keep])), -1)  # [t, H, R]
+    k = key[:n][keep]
+    rec = torch.cat((_kv_half(hadamard_rotate(k) if rotate_k else k), _kv_half(value[:n][keep])), -1)
     block_size = kv_cache.shape[2]
     kv_cache[slots // block_size, :, slots % block_size] = rec
 
@@ -299,7 +330,8 @@ def read_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: in
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_table: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_table: torch.Tensor, softmax_scale: float,
+                    rotate_k: bool = False) -> torch.Tensor:
     """Causal attention of query [T, Hq, D] over the INT4 paged cache, in fp32: the oracle of the
     CUDA attention kernel.
 
@@ -307,7 +339,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     and the first seq_lens[b] cache slots listed by block_table[b]; query row i sits at absolute
     position seq_len - q_len + i and sees keys 0..that position. Query head h reads KV head
     h // (Hq / H) (GQA). Returns fp32 [T, Hq, D]; rows no request owns are zero.
+    rotate_k: the cache holds rotated keys (`write_kv_cache`), so the query is rotated the same
+    way, ``hadamard_rotate(query)`` rounded to query.dtype as the kernel's mma operand is
+    (q . k is unchanged by the rotation; V is not rotated, so neither is the output).
     """
+    if rotate_k:
+        query = hadamard_rotate(query).to(query.dtype)
     t, hq, d = query.shape
     h = kv_cache.shape[1]
     out = torch.zeros(t, hq, d, dtype=torch.float32, device=query.device)

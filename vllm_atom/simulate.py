@@ -10,7 +10,9 @@ quantized activations, then with its quantized weights) and by `vllm_atom.evalua
   INT8 outliers), and multiplies with the dequantized checkpoint weights
   (`reference.w4a4_linear_dequant` up to fp32 summation order);
 * the KV cache is quantized per (token, KV head) with `reference.fake_quantize_kv`
-  **after RoPE**, where vLLM writes its cache (Atom's paper quantized K before RoPE).
+  **after RoPE**, where vLLM writes its cache (Atom's paper quantized K before RoPE); with
+  ``kv_rotate_k`` the keys in the Hadamard basis and rotated back (the kernels rotate the
+  query instead: the same up to the query's 16-bit rounding).
   Attention reads the quantized K and V for every position, the current one included,
   as an attention kernel reading the paged cache does.
 
@@ -171,7 +173,7 @@ def _atom_sim_attention(module, query, key, value, attention_mask, **kwargs):
 
     if getattr(module, "atom_kv_bits", None) == 4:
         dt = getattr(module, "atom_io_dtype", torch.float16)
-        key = ref.fake_quantize_kv(key.to(dt)).to(query.dtype)
+        key = ref.fake_quantize_kv(key.to(dt), getattr(module, "atom_kv_rotate_k", False)).to(query.dtype)
         value = ref.fake_quantize_kv(value.to(dt)).to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -184,8 +186,10 @@ def use_sim_attention(model: nn.Module) -> None:
     model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def set_kv_bits(attn_modules, kv_bits: Optional[int], io_dtype: torch.dtype) -> None:
-    """Turn KV4 on (4) or off (None) for these attention modules."""
+def set_kv_bits(attn_modules, kv_bits: Optional[int], io_dtype: torch.dtype, rotate_k: bool = False) -> None:
+    """Turn KV4 on (4) or off (None) for these attention modules; rotate_k: keys quantized in the
+    Hadamard basis (`AtomConfig.kv_rotate_k`)."""
     for m in attn_modules:
         m.atom_kv_bits = kv_bits
         m.atom_io_dtype = io_dtype
+        m.atom_kv_rotate_k = rotate_k

@@ -10,6 +10,8 @@ Impls, each called the way vLLM 0.26 calls it (decode, full CUDA graphs, the def
   triton-int4  vLLM's in-tree int4_per_token_head path: TritonAttentionImpl.forward ->
                unified_attention(kv_quant_mode=INT4_PER_TOKEN_HEAD) (RHT of Q and O included).
   atom-int4    ours: vllm_atom.kernels.kv_int4.attention_int4 over Atom's INT4 cache (HND).
+  atom-int4-rk the same with Hadamard-rotated keys (AtomConfig.kv_rotate_k: the query is rotated
+               in the kernel's prologue; what rotation costs).
 Caches: vLLM's logical (num_blocks, Hkv, 16, 2*D') with vLLM's default NHD physical layout for the
 vLLM impls, filled from random bf16 K/V by each impl's own cache-write kernel; block tables are a
 random permutation of the pages. Timing: each call captured in a CUDA graph (eager calls if capture
@@ -41,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SHAPES = {"llama3-8b": (32, 8, 128), "llama2-7b": (32, 32, 128), "smollm2": (9, 3, 64)}  # Hq, Hkv, hd
-IMPLS = ("fa3-bf16", "fa3-fp8", "triton-int4", "atom-int4")
+IMPLS = ("fa3-bf16", "fa3-fp8", "triton-int4", "atom-int4", "atom-int4-rk")
 BLOCK = 16
 # vLLM defaults: capture sizes (config/vllm.py:1748) and FA3's split cap under full graphs
 # (config/attention.py:42, used by flash_attn.py:418-419 and :499).
@@ -186,26 +188,28 @@ class TritonInt4:
 
 
 class AtomInt4:
-    def __init__(self, shape, num_blocks: int, dev):
+    def __init__(self, shape, num_blocks: int, dev, rotate_k: bool = False):
         from vllm_atom.kernels import kv_int4
-        self.kv = kv_int4
+        self.kv, self.rotate_k = kv_int4, rotate_k
         self.hq, self.hkv, self.hd = shape
         self.kv_cache = torch.zeros(num_blocks, self.hkv, BLOCK, 2 * (self.hd // 2 + 4), dtype=torch.uint8,
                                     device=dev)
-        kv_int4.prepare(self.hd, torch.bfloat16, self.kv_cache.device)  # compile before any graph capture
+        kv_int4.prepare(self.hd, torch.bfloat16, self.kv_cache.device, rotate_k)  # compile before any capture
 
     def write(self, key, value, slots):
-        self.kv.write_kv_int4(key, value, self.kv_cache, slots)
+        self.kv.write_kv_int4(key, value, self.kv_cache, slots, self.rotate_k)
 
     def prepare(self, b: Batch):
         out = torch.empty_like(b.q)
         return lambda: self.kv.attention_int4(b.q, self.kv_cache, b.qsl, b.seq_lens, b.block_table, 1,
-                                              self.hd ** -0.5, out=out)
+                                              self.hd ** -0.5, out=out, rotate_k=self.rotate_k)
 
 
 def make(impl: str, shape, num_blocks: int, dev):
     if impl.startswith("fa3"):
         return FlashAttn(shape, num_blocks, dev, fp8=impl == "fa3-fp8")
+    if impl == "atom-int4-rk":
+        return AtomInt4(shape, num_blocks, dev, rotate_k=True)
     return {"triton-int4": TritonInt4, "atom-int4": AtomInt4}[impl](shape, num_blocks, dev)
 
 
@@ -263,7 +267,7 @@ def ref_attention(q, k, v, scale):
 
 def check(impls, shape, dev, seq_lens=(1, 17, 256, 1000, 3001)) -> dict:
     """Max abs error of each impl vs fp32 attention on the unquantized K/V (and atom vs its dequant)."""
-    from vllm_atom.reference import read_kv_cache
+    from vllm_atom.reference import hadamard_rotate, read_kv_cache
     hq, hkv, hd = shape
     gen = torch.Generator(device=dev).manual_seed(1)
     b = Batch(list(seq_lens), hq, hd, dev, gen)
@@ -281,8 +285,9 @@ def check(impls, shape, dev, seq_lens=(1, 17, 256, 1000, 3001)) -> dict:
             out = m.prepare(b)().float()
             r = {"max_abs_err_vs_exact": round((out - exact).abs().max().item(), 5),
                  "rel_rms_err_vs_exact": round(((out - exact).norm() / exact.norm()).item(), 5)}
-            if impl == "atom-int4":
-                deq = torch.stack([ref_attention(q32[i], *read_kv_cache(m.kv_cache, b.block_table[i], s, hd),
+            if impl.startswith("atom-int4"):  # rotated keys: the rotated query, rounded as the kernel does
+                qa = hadamard_rotate(b.q).to(b.q.dtype).float() if m.rotate_k else q32
+                deq = torch.stack([ref_attention(qa[i], *read_kv_cache(m.kv_cache, b.block_table[i], s, hd),
                                                  scale) for i, s in enumerate(seq_lens)])
                 r["max_abs_err_vs_dequant"] = round((out - deq).abs().max().item(), 5)
             res[impl] = r

@@ -11,6 +11,8 @@ relative to the largest |V| a row averages (the injected outlier channel, ~40 he
 checks allow atol = tol * max|ref| and rtol = tol with tol = 2^-8 (bf16) or 2^-10 (fp16); fp16
 measured up to 3.6e-4 * max|ref|. A wrong token, page, head or scale moves outputs by O(1).
 CUDA graphs: the decode launch captured with seq_lens = 1 and replayed with real lengths.
+rotate_k (keys stored Hadamard-rotated, queries rotated on load): the same checks against the
+reference with the same flag (its rotation is the kernels' operation for operation).
 """
 
 import math
@@ -49,7 +51,8 @@ def kv_values(t, h, d, dtype, gen, overflow=False):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("h", [1, 2, 8])
 @pytest.mark.parametrize("nhd", [False, True])
-def test_write_is_byte_exact(dtype, d, h, nhd):
+@pytest.mark.parametrize("rotate_k", [False, True])
+def test_write_is_byte_exact(dtype, d, h, nhd, rotate_k):
     gen = torch.Generator(device=DEV).manual_seed(d * 10 + h)
     nb, t = 13, 150
     cache = make_cache(nb, h, d, nhd)
@@ -60,13 +63,13 @@ def test_write_is_byte_exact(dtype, d, h, nhd):
     big[:, :h] = key
     key_view = big[:, :h]
     want = cache.cpu().clone()
-    R.write_kv_cache(key.cpu(), value.cpu(), want, slots.cpu())
-    kv_int4.write_kv_int4(key_view, value, cache, slots)
+    R.write_kv_cache(key.cpu(), value.cpu(), want, slots.cpu(), rotate_k)
+    kv_int4.write_kv_int4(key_view, value, cache, slots, rotate_k)
     got = cache.cpu()
     assert torch.equal(got, want), (got != want).nonzero()[:10]
 
 
-def build(seq_q, h, g, d, dtype, nhd, seed):
+def build(seq_q, h, g, d, dtype, nhd, seed, rotate_k=False):
     """seq_q: (seq_len, q_len) per request; all K/V written through the kernel first."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     need = [math.ceil(s / BLOCK) for s, _ in seq_q]
@@ -81,7 +84,8 @@ def build(seq_q, h, g, d, dtype, nhd, seed):
     for b, (s, _) in enumerate(seq_q):
         pos = torch.arange(s, device=DEV)
         slots = bt[b, pos // BLOCK].long() * BLOCK + pos % BLOCK
-        kv_int4.write_kv_int4(kv_values(s, h, d, dtype, gen), kv_values(s, h, d, dtype, gen).div(2), cache, slots)
+        kv_int4.write_kv_int4(kv_values(s, h, d, dtype, gen), kv_values(s, h, d, dtype, gen).div(2), cache, slots,
+                              rotate_k)
     q_lens = [ql for _, ql in seq_q] + [0]
     qsl = torch.tensor([0] + q_lens, device=DEV).cumsum(0).int()
     seq_lens = torch.tensor([s for s, _ in seq_q] + [0], dtype=torch.int32, device=DEV)
@@ -89,9 +93,9 @@ def build(seq_q, h, g, d, dtype, nhd, seed):
     return cache, bt, qsl, seq_lens, q
 
 
-def check(q, cache, qsl, seq_lens, bt, out, dtype):
+def check(q, cache, qsl, seq_lens, bt, out, dtype, rotate_k=False):
     n = int(qsl[-1])
-    ref = R.paged_attention(q[:n].float(), cache, qsl, seq_lens, bt, q.shape[-1] ** -0.5)
+    ref = R.paged_attention(q[:n], cache, qsl, seq_lens, bt, q.shape[-1] ** -0.5, rotate_k)
     tol = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -10
     torch.testing.assert_close(out[:n].float(), ref, atol=tol * float(ref.abs().amax()), rtol=tol)
     assert out[n:].isnan().all()
@@ -107,16 +111,18 @@ CASES = {
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("case", list(CASES))
-def test_attention_matches_reference(dtype, d, g, case):
+@pytest.mark.parametrize("rotate_k", [False, True])
+def test_attention_matches_reference(dtype, d, g, case, rotate_k):
     seq_q = CASES[case]
     nhd = g == 4  # the strided kernel; the others use the contiguous-tile (cp.async) kernel
-    cache, bt, qsl, seq_lens, q = build(seq_q, 2, g, d, dtype, nhd, seed=d + g)
+    cache, bt, qsl, seq_lens, q = build(seq_q, 2, g, d, dtype, nhd, seed=d + g, rotate_k=rotate_k)
     max_q = max(ql for _, ql in seq_q)
     splits = [None, 1, 7] if case == "decode" else [None]
     for s in splits:
         out = torch.full_like(q, float("nan"))
-        kv_int4.attention_int4(q, cache, qsl, seq_lens, bt, max_q, q.shape[-1] ** -0.5, out=out, num_splits=s)
-        check(q, cache, qsl, seq_lens, bt, out, dtype)
+        kv_int4.attention_int4(q, cache, qsl, seq_lens, bt, max_q, q.shape[-1] ** -0.5, out=out, num_splits=s,
+                               rotate_k=rotate_k)
+        check(q, cache, qsl, seq_lens, bt, out, dtype, rotate_k)
 
 
 def test_decode_cuda_graph_replay():

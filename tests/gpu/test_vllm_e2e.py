@@ -76,15 +76,17 @@ def eval_windows(ckpt, text, n=8, seqlen=256):
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
 
 
-def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",), kv_skip_layers=()):
+def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",), kv_skip_layers=(), rotate_k=None):
     """Per pipeline, log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or
-    INT4) at each position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does
+    INT4, keys rotated as the checkpoint's kv_rotate_k says unless rotate_k is given) at each
+    position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does
     (`vllm-atom eval --pipeline 16bit`). The model is loaded once; fp32 must come first."""
     from vllm_atom.evaluate import SimModel, checkpoint_states, load_model
     model, io_dtype = load_model(ckpt, device="cuda")
     sim = SimModel(model, io_dtype)
-    _, states = checkpoint_states(sim, ckpt, device="cuda")
-    sim.add_method("atom", states, kv_bits=kv_bits, kv_skip_layers=kv_skip_layers)
+    cfg, states = checkpoint_states(sim, ckpt, device="cuda")
+    sim.add_method("atom", states, kv_bits=kv_bits, kv_skip_layers=kv_skip_layers,
+                   kv_rotate_k=cfg.kv_rotate_k if rotate_k is None else rotate_k)
     sim.activate("atom")
     out = {}
     for pipeline in pipelines:
@@ -135,6 +137,7 @@ def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, t
     assert cfg["quantization_config"]["quant_method"] == "atom"
     windows = eval_windows(ckpt, evaltext)
     sims = simulated_logprobs(ckpt, windows, kv_bits=4 if kv == "kv4" else None, pipelines=("fp32", "16bit"))
+    assert cfg["quantization_config"]["kv_rotate_k"] is True  # the default: vLLM stores rotated keys
     extra = KV4_ARGS if kv == "kv4" else ()
     got = vllm_logprobs(ckpt, windows, str(tmp_path), *extra)
     if kv == "kv4":
@@ -147,6 +150,9 @@ def test_vllm_atom_matches_simulated_reference(arch, kv, tokenizer_dir, texts, t
     result.update({f"{k}_16bit": v for k, v in agreement(windows, sims["16bit"], got).items() if k != "tokens"})
     if kv == "kv4":
         result["chunked_vs_whole_mean_abs_dlogprob"] = chunk_dlp
+        unrot = agreement(windows, simulated_logprobs(ckpt, windows, kv_bits=4, rotate_k=False)["fp32"], got)
+        result["top1_vs_unrotated_sim"] = unrot["top1_agreement"]
+        result["mean_abs_dlogprob_vs_unrotated_sim"] = unrot["mean_abs_dlogprob"]
     print("e2e", json.dumps(result))
     json.dump(result, open(os.path.join(OUT, f"e2e-{arch}-{kv}.json"), "w"))
     if kv == "kv4":

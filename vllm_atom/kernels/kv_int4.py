@@ -3,6 +3,9 @@
 Cache: uint8 ``[num_blocks, H, block_size, 2 * (D/2 + 4)]``, vLLM's ``int4_per_token_head``
 shape, any strides (vLLM hands the logical shape with its physical strides); one record per
 (block, KV head, slot) as documented in `vllm_atom.reference.write_kv_cache`. D is 64 or 128.
+``rotate_k`` (the checkpoint's ``AtomConfig.kv_rotate_k``): keys are stored in a per-head Hadamard
+basis (`vllm_atom.reference.hadamard_rotate`) and queries rotated the same way in the attention; a
+cache must be written and read with the same setting.
 
 These run inside vLLM's attention custom ops (``unified_kv_cache_update`` and
 ``unified_attention_with_output``, opaque to torch.compile), so they are plain functions, not
@@ -70,42 +73,43 @@ def decode_splits(num_reqs: int, num_kv_heads: int, cta_slots: int, m_tiles: int
 
 
 @functools.cache
-def cta_slots(head_dim: int, dtype: torch.dtype, device_index: int) -> int:
+def cta_slots(head_dim: int, dtype: torch.dtype, device_index: int, rotate_k: bool = False) -> int:
     """How many CTAs of the cp.async attention kernel the GPU holds at once (occupancy x SMs)."""
     from cupy_backends.cuda.api import driver
 
-    fn = _kernel("kv_int4_attention", head_dim, dtype, torch.device("cuda", device_index))
+    fn = _kernel("kv_int4_attention", head_dim, dtype, torch.device("cuda", device_index), rotate_k)
     smem = WARPS * STAGES * TILE * reference.kv_record_bytes(head_dim)
     per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 32 * WARPS, smem)
     return max(1, per_sm) * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _defines(head_dim: int, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+def _defines(head_dim: int, dtype: torch.dtype, rotate_k: bool = False) -> tuple[tuple[str, int], ...]:
     if dtype not in _DTYPES:
         raise ValueError(f"INT4 KV cache kernels take bfloat16 or float16, got {dtype}")
     return (("HEAD_DIM", head_dim), ("DTYPE_BF16", int(dtype == torch.bfloat16)),
-            ("TILE", TILE), ("WARPS", WARPS), ("STAGES", STAGES))
+            ("TILE", TILE), ("WARPS", WARPS), ("STAGES", STAGES), ("ROTATE_K", int(rotate_k)))
 
 
-def _kernel(name: str, head_dim: int, dtype: torch.dtype, device: torch.device):
+def _kernel(name: str, head_dim: int, dtype: torch.dtype, device: torch.device, rotate_k: bool = False):
     from vllm_atom.kernels import _loader
 
-    return _loader.kernel("kv_int4.cu", name, _defines(head_dim, dtype), device.index)
+    return _loader.kernel("kv_int4.cu", name, _defines(head_dim, dtype, rotate_k), device.index)
 
 
-def prepare(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile and load every kernel for (head_dim, dtype) before any CUDA-graph capture."""
+def prepare(head_dim: int, dtype: torch.dtype, device: torch.device, rotate_k: bool = False) -> None:
+    """Compile and load every kernel for (head_dim, dtype, rotate_k) before any CUDA-graph capture."""
     _check_head_dim(head_dim)
     if device.type == "cuda":
         for name in ("kv_int4_write", "kv_int4_attention", "kv_int4_attention_strided", "kv_int4_reduce"):
-            _kernel(name, head_dim, dtype, device)
-        cta_slots(head_dim, dtype, device.index)
+            _kernel(name, head_dim, dtype, device, rotate_k)
+        cta_slots(head_dim, dtype, device.index, rotate_k)
 
 
 def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, rotate_k: bool = False) -> None:
     """Quantize key/value [T, H, D] (bf16/fp16, last dim contiguous) and store token i at slot
-    ``slot_mapping[i]`` (int64); only ``len(slot_mapping)`` tokens are written, slots < 0 skipped."""
+    ``slot_mapping[i]`` (int64); only ``len(slot_mapping)`` tokens are written, slots < 0 skipped.
+    rotate_k: store the keys Hadamard-rotated (module doc)."""
     n, h, d = slot_mapping.shape[0], kv_cache.shape[1], key.shape[-1]
     check_cache(kv_cache, d)
     for name, x in (("key", key), ("value", value)):
@@ -117,14 +121,14 @@ def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
         raise ValueError(f"key/value dtypes must match and slot_mapping must be int64, got "
                          f"{key.dtype}/{value.dtype}/{slot_mapping.dtype}")
     if kv_cache.device.type != "cuda":
-        reference.write_kv_cache(key, value, kv_cache, slot_mapping)
+        reference.write_kv_cache(key, value, kv_cache, slot_mapping, rotate_k)
         return
     if n == 0:
         return
     from vllm_atom.kernels import _loader
 
     s = kv_cache.stride()
-    fn = _kernel("kv_int4_write", d, key.dtype, kv_cache.device)
+    fn = _kernel("kv_int4_write", d, key.dtype, kv_cache.device, rotate_k)
     _loader.launch(fn, (math.ceil(2 * n * h / WARPS), 1, 1), (32 * WARPS, 1, 1),
                    (key.data_ptr(), value.data_ptr(), kv_cache.data_ptr(), slot_mapping.data_ptr(), np.int32(n),
                     np.int32(h), np.int64(key.stride(0)), np.int64(key.stride(1)), np.int64(value.stride(0)),
@@ -135,7 +139,7 @@ def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
 def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                    seq_lens: torch.Tensor, block_table: torch.Tensor, max_query_len: int,
                    softmax_scale: float, out: torch.Tensor | None = None,
-                   num_splits: int | None = None) -> torch.Tensor:
+                   num_splits: int | None = None, rotate_k: bool = False) -> torch.Tensor:
     """Causal attention of query [T, Hq, D] over the INT4 paged cache (see
     `vllm_atom.reference.paged_attention` for the exact semantics).
 
@@ -143,6 +147,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     be padding requests with no query tokens). ``max_query_len`` (a host int) sizes the grid; when
     it is 1 the tokens are split ``num_splits`` ways (default `decode_splits`) and reduced.
     Returns out [T, Hq, D] in query.dtype (rows no request owns are left untouched).
+    rotate_k: the cache was written with rotated keys (module doc); the query is rotated to match.
     """
     t, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -166,7 +171,8 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     if query.stride(0) % 8 or query.stride(1) % 8 or query.data_ptr() % 16:
         query = query.clone(memory_format=torch.contiguous_format)  # fresh, aligned, dense
     if query.device.type != "cuda":
-        ref = reference.paged_attention(query, kv_cache, query_start_loc, seq_lens, block_table, softmax_scale)
+        ref = reference.paged_attention(query, kv_cache, query_start_loc, seq_lens, block_table, softmax_scale,
+                                        rotate_k)
         rows = torch.zeros(t, dtype=torch.bool)
         for q0, q1 in zip(query_start_loc[:b].tolist(), query_start_loc[1:b + 1].tolist()):
             rows[q0:q1] = True
@@ -179,7 +185,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     g = hq // h
     m_tiles = math.ceil(max(1, max_query_len) * g / 16)
     if num_splits is None:
-        num_splits = decode_splits(b, h, cta_slots(d, query.dtype, query.device.index), m_tiles) \
+        num_splits = decode_splits(b, h, cta_slots(d, query.dtype, query.device.index, rotate_k), m_tiles) \
             if max_query_len <= 1 else 1
     dev = query.device
     if num_splits > 1:
@@ -193,7 +199,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     # vLLM's HND layout keeps each 16-token (block, head) tile contiguous: staged by cp.async.
     tiles = s[2] == rec and s[1] % 16 == 0 and s[0] % 16 == 0 and kv_cache.data_ptr() % 16 == 0
     name, smem = ("kv_int4_attention", WARPS * STAGES * TILE * rec) if tiles else ("kv_int4_attention_strided", 0)
-    fn = _kernel(name, d, query.dtype, dev)
+    fn = _kernel(name, d, query.dtype, dev, rotate_k)
     _loader.launch(fn, (math.ceil(m_tiles * num_splits / WARPS), h, b), (32 * WARPS, 1, 1),
                    (query.data_ptr(), out.data_ptr(), po, pml, kv_cache.data_ptr(), query_start_loc.data_ptr(),
                     seq_lens.data_ptr(), block_table.data_ptr(), np.int32(block_table.stride(0)),
@@ -202,7 +208,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
                     np.int32(kv_cache.shape[2]), np.int32(g), np.int32(num_splits),
                     np.float32(softmax_scale * math.log2(math.e))), smem, dev.index)
     if num_splits > 1:
-        fn = _kernel("kv_int4_reduce", d, query.dtype, dev)
+        fn = _kernel("kv_int4_reduce", d, query.dtype, dev, rotate_k)
         _loader.launch(fn, (b, hq, 1), (d, 1, 1),
                        (po, pml, out.data_ptr(), query_start_loc.data_ptr(), np.int64(out.stride(0)),
                         np.int64(out.stride(1)), np.int32(num_splits)), 0, dev.index)

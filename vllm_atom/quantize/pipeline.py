@@ -245,17 +245,17 @@ def calibrate(layer: nn.Module, lin: dict[str, SimLinear], inps: torch.Tensor, k
 
 
 def choose_kv_bits(layer: nn.Module, inps: torch.Tensor, kwargs: dict, opts: QuantizeOptions,
-              io_dtype: torch.dtype, prefix: str,
-              kv_bits: Optional[int]) -> tuple[Optional[int], Optional[float]]:
-    """Phase 1, with INT4 KV: (the KV bits to use, `kv4_attention_error`). The bits become
-    None (16-bit) if the error is over ``opts.kv_skip_threshold``; the error is None unless
-    ``kv_bits`` is 4.
+              io_dtype: torch.dtype, prefix: str, kv_bits: Optional[int],
+              rotate_k: bool = False) -> tuple[Optional[int], Optional[float]]:
+    """Phase 1, with INT4 KV: (the KV bits to use, `kv4_attention_error`, keys rotated as
+    ``rotate_k`` says). The bits become None (16-bit) if the error is over
+    ``opts.kv_skip_threshold``; the error is None unless ``kv_bits`` is 4.
 
     layer: after `calibrate` (smoothed, unquantized); inps: [n, seqlen, hidden] in io_dtype.
     """
     if kv_bits != 4:
         return kv_bits, None
-    kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype)
+    kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype, rotate_k=rotate_k)
     if opts.kv_skip_threshold is not None and kv4_error > opts.kv_skip_threshold:
         log.info("%s: INT4 KV attention error %.3f > %.3f, KV cache kept 16-bit", prefix,
                  kv4_error, opts.kv_skip_threshold)
@@ -280,7 +280,7 @@ def reorder(lin: dict[str, SimLinear], stats: dict[str, ChannelStats], cfg: Atom
 
 def gptq_hessians(layer: nn.Module, lin: dict[str, SimLinear], scheme: dict[str, ActScheme],
                   inps: torch.Tensor, kwargs: dict, kv_bits: Optional[int], io_dtype: torch.dtype,
-                  device: torch.device) -> dict[str, HessianAccumulator]:
+                  device: torch.device, rotate_k: bool = False) -> dict[str, HessianAccumulator]:
     """Phase 3: the GPTQ Hessian (``.h``: fp32 [K, K], slot order) of the activations each
     input group actually sees, quantized by ``scheme`` with ``kv_bits`` KV and unquantized
     weights, all 7 linears in one pass over inps ([n, seqlen, hidden], io_dtype)."""
@@ -291,7 +291,7 @@ def gptq_hessians(layer: nn.Module, lin: dict[str, SimLinear], scheme: dict[str,
         lin[g].observer = hess[g].add
     for m in QUANTIZED_LINEARS:
         lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
-    set_kv_bits([layer.self_attn], kv_bits, io_dtype)
+    set_kv_bits([layer.self_attn], kv_bits, io_dtype, rotate_k)
     run_layer(layer, inps, kwargs, keep=False)
     for g in groups:
         lin[g].observer = None
@@ -345,10 +345,10 @@ def quantize_linears(lin: dict[str, SimLinear], scheme: dict[str, ActScheme],
 
 
 def quantized_outputs(layer: nn.Module, inps: torch.Tensor, kwargs: dict, kv_bits: Optional[int],
-                      io_dtype: torch.dtype) -> torch.Tensor:
+                      io_dtype: torch.dtype, rotate_k: bool = False) -> torch.Tensor:
     """Phase 5: the fully quantized layer's outputs ([n, seqlen, hidden] in inps' dtype),
-    with ``kv_bits`` KV: the next layer's inputs."""
-    set_kv_bits([layer.self_attn], kv_bits, io_dtype)
+    with ``kv_bits`` KV (keys rotated as ``rotate_k`` says): the next layer's inputs."""
+    set_kv_bits([layer.self_attn], kv_bits, io_dtype, rotate_k)
     return run_layer(layer, inps, kwargs, keep=True)
 
 
@@ -364,11 +364,12 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
     dev = torch.device(opts.device)
     layer, lin = layer_on_device(layer_cpu, dev, io_dtype)
     stats = calibrate(layer, lin, inps, kwargs, cfg, opts, io_dtype)
-    kv_bits, kv4_error = choose_kv_bits(layer, inps, kwargs, opts, io_dtype, prefix, kv_bits)
+    rot = cfg.kv_rotate_k
+    kv_bits, kv4_error = choose_kv_bits(layer, inps, kwargs, opts, io_dtype, prefix, kv_bits, rot)
     scheme = reorder(lin, stats, cfg, dev)
-    hess = gptq_hessians(layer, lin, scheme, inps, kwargs, kv_bits, io_dtype, dev) if opts.gptq else {}
+    hess = gptq_hessians(layer, lin, scheme, inps, kwargs, kv_bits, io_dtype, dev, rot) if opts.gptq else {}
     tensors, notes = quantize_linears(lin, scheme, hess, cfg, opts, io_dtype, prefix)
-    outs = quantized_outputs(layer, inps, kwargs, kv_bits, io_dtype)
+    outs = quantized_outputs(layer, inps, kwargs, kv_bits, io_dtype, rot)
     del layer
     return LayerResult(tensors, outs, notes, kv_bits, kv4_error)
 

@@ -13,7 +13,9 @@ It subclasses vLLM's Triton backend for everything else (cache shape, metadata),
     the batch size alone there); mixed batches run piecewise;
   * decoder self-attention without sliding window, ALiBi, soft cap or sinks; head size 64/128;
   * layers that ``--kv-cache-dtype-skip-layers`` keeps 16-bit (kv_cache_dtype "auto") run the
-    Triton backend's own cache write and attention.
+    Triton backend's own cache write and attention;
+  * keys stored Hadamard-rotated (and queries rotated to match) when the model is an Atom
+    checkpoint with ``kv_rotate_k`` (`vllm_atom.config.AtomConfig`); otherwise unrotated.
 See docs/kv_int4_design.md for the vLLM 0.26 details this relies on.
 """
 
@@ -38,14 +40,24 @@ logger = init_logger(__name__)
 KV_CACHE_DTYPE = "int4_per_token_head"
 
 
-def _compile_for_current_model(head_size: int) -> None:
+def _rotate_k_of_current_model() -> bool:
+    """``AtomConfig.kv_rotate_k`` of the Atom checkpoint being served; False for other models."""
+    from vllm.config import get_current_vllm_config
+
+    from vllm_atom.serve.config import AtomQuantConfig
+
+    quant = get_current_vllm_config().quant_config
+    return isinstance(quant, AtomQuantConfig) and quant.atom.kv_rotate_k
+
+
+def _compile_for_current_model(head_size: int, rotate_k: bool) -> None:
     """Compile the kernels for the model being built now, before any CUDA-graph capture."""
     from vllm.config import get_current_vllm_config
 
     model_config = get_current_vllm_config().model_config
     dtype = model_config.dtype if model_config is not None else None
     if torch.cuda.is_available() and dtype in (torch.float16, torch.bfloat16):
-        kv_int4.prepare(head_size, dtype, torch.device("cuda", torch.cuda.current_device()))
+        kv_int4.prepare(head_size, dtype, torch.device("cuda", torch.cuda.current_device()), rotate_k)
 
 
 class AtomInt4MetadataBuilder(TritonAttentionMetadataBuilder):
@@ -131,9 +143,11 @@ class AtomInt4AttentionImpl(TritonAttentionImpl):
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
                          use_alibi_sqrt, chunk_lookback)
         self.supports_quant_query_input = False
+        self.rotate_k = self.atom_int4 and _rotate_k_of_current_model()
         if self.atom_int4:
-            _compile_for_current_model(head_size)
-            logger.info_once("Atom INT4 KV cache attention is active (per token and head, fp16 scale and zero).")
+            _compile_for_current_model(head_size, self.rotate_k)
+            logger.info_once("Atom INT4 KV cache attention is active (per token and head, fp16 scale and zero%s)."
+                             % (", keys Hadamard-rotated" if self.rotate_k else ""))
 
     def fused_output_quant_supported(self, quant_key) -> bool:
         return False
@@ -142,7 +156,7 @@ class AtomInt4AttentionImpl(TritonAttentionImpl):
                            slot_mapping: torch.Tensor) -> None:
         if not self.atom_int4:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        kv_int4.write_kv_int4(key, value, kv_cache, slot_mapping)
+        kv_int4.write_kv_int4(key, value, kv_cache, slot_mapping, self.rotate_k)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TritonAttentionMetadata, output: torch.Tensor,
@@ -158,5 +172,5 @@ class AtomInt4AttentionImpl(TritonAttentionImpl):
         n = attn_metadata.num_actual_tokens
         kv_int4.attention_int4(query[:n], kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                                attn_metadata.block_table, attn_metadata.max_query_len, self.scale,
-                               out=output[:n])
+                               out=output[:n], rotate_k=self.rotate_k)
         return output
