@@ -1,0 +1,442 @@
+"""Reliability of Atom serving under load, faults and bad input (issue 17), on one GPU.
+
+Parts (``--parts``, default all; each in its own subprocesses under a timeout; results merged by
+part into ``results/reliability-<gpu>.json``, so several device calls can fill one file):
+
+  soak             `vllm serve` a Llama-2-7B-shaped Atom checkpoint (dummy weights, INT4 KV cache,
+                   CUDA graphs on), driven by `vllm bench serve`: 1,000 requests at concurrency 64,
+                   random lengths (input 1024 +- 90 %, output 112 +- 90 %: the longest reach
+                   max-model-len 2176); failed requests, latency percentiles, GPU memory after a
+                   warm-up request and after the run, and a request answered afterwards.
+  soak-prefix      the same with prefix caching on, a 512-token prefix shared by every prompt and
+                   chunked prefill in 512-token steps.
+  bad-requests     the OpenAI completions API with bad input: a prompt longer than max-model-len,
+                   max_tokens huge / negative, logprobs out of range / not a number, an empty
+                   prompt, a body that is not UTF-8, a burst of 32 streams closed after their first
+                   chunk. Each must get a 4xx (the streams: nothing), and the server must still
+                   answer a good request and /health afterwards.
+  preempt          the tiny Llama of tests/gpu/tiny_models.py quantized on the GPU (INT4 KV), 32
+                   greedy requests with a KV cache of 64 blocks (preemption and recompute forced;
+                   vLLM's preemption counter from /metrics) and again with room: the completions
+                   must be identical.
+  bad-checkpoints  copies of that checkpoint, each broken one way (`MUTATIONS`), served: each must
+                   exit non-zero within 60 s with one line naming the tensor or field.
+  sanitizer        compute-sanitizer memcheck over the kernel tests (``--sanitizer-k`` selects).
+
+    python examples/benchmarks/reliability.py [--parts soak,...] [--out DIR] [--port 8765]
+
+Needs vLLM with this plugin registered (tests/gpu/plugin_env.sh) and, for the checkpoint parts,
+the tiny tokenizer of .devbundle/make_tiny_llama.py (made if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+import bench_e2e as e2e  # noqa: E402  (standard library + vllm_atom.config only)
+
+PARTS = ("soak", "soak-prefix", "bad-requests", "preempt", "bad-checkpoints", "sanitizer")
+MAX_MODEL_LEN = 2176
+KV4 = ["--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "CUSTOM"]
+
+
+# ---- bad checkpoints: (name, what breaks, text the error must name) ----
+
+def _tensor(prefix: str) -> Callable[[dict], str]:
+    """The first tensor name starting with ``prefix`` (layer 0 of the checkpoint)."""
+    return lambda tensors: sorted(k for k in tensors if k.startswith(prefix))[0]
+
+
+def _drop(name_of):
+    def mutate(config, tensors):
+        name = name_of(tensors)
+        del tensors[name]
+        return name
+    return mutate
+
+
+def _reshape(name_of):
+    def mutate(config, tensors):
+        name = name_of(tensors)
+        t = tensors[name]
+        tensors[name] = t[..., : t.shape[-1] - 1].contiguous()
+        return name
+    return mutate
+
+
+def _retype(name_of):
+    def mutate(config, tensors):
+        import torch
+        name = name_of(tensors)
+        tensors[name] = tensors[name].to(torch.int16)
+        return name
+    return mutate
+
+
+def _not_a_permutation(config, tensors):
+    names = [f"model.layers.0.self_attn.{p}_proj.reorder_index" for p in "qkv"]
+    for k in names:  # q/k/v share one reorder; break it in all three the same way
+        tensors[k][3] = tensors[k][0]
+    return "reorder_index"
+
+
+def _format_version(config, tensors):
+    config["quantization_config"]["format_version"] = 99
+    return "format_version"
+
+
+def _row_shards(config, tensors):
+    config["quantization_config"]["row_shards"] = 2  # served with tensor_parallel_size 1
+    return "row_shards"
+
+
+MUTATIONS = {
+    "missing-tensor": _drop(_tensor("model.layers.0.self_attn.k_proj.w_scale")),
+    "wrong-shape": _reshape(_tensor("model.layers.0.mlp.down_proj.qweight")),
+    "wrong-dtype": _retype(_tensor("model.layers.0.mlp.up_proj.w_outlier")),
+    "reorder-not-a-permutation": _not_a_permutation,
+    "unknown-format-version": _format_version,
+    "row-shards-not-tp": _row_shards,
+}
+
+
+def write_mutated(src: Path, dst: Path, mutation: str) -> str:
+    """Copy checkpoint ``src`` to ``dst`` broken by ``MUTATIONS[mutation]``; returns the name the
+    error must contain."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    config = json.loads((src / "config.json").read_text())
+    expect = MUTATIONS[mutation](config, tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return expect
+
+
+# ---- a vLLM server in its own process group ----
+
+class Server:
+    def __init__(self, model: Path, args: list[str], log: Path, port: int):
+        self.url, self.model = f"http://127.0.0.1:{port}", str(model)
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(["vllm", "serve", self.model, "--port", str(port), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> bool:
+        end = time.time() + timeout
+        while time.time() < end and self.proc.poll() is None:
+            if self.healthy():
+                return True
+            time.sleep(2)
+        return False
+
+    def healthy(self) -> bool:
+        try:
+            return urllib.request.urlopen(self.url + "/health", timeout=5).status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def post(self, body, timeout: float = 120) -> tuple[int, dict | str]:
+        data = body if isinstance(body, bytes) else json.dumps({"model": self.model, **body}).encode()
+        req = urllib.request.Request(self.url + "/v1/completions", data=data,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")[:300]
+        except OSError as e:
+            return -1, f"{type(e).__name__}: {e}"
+
+    def metric(self, name: str) -> float | None:
+        try:
+            text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        except (OSError, urllib.error.URLError):
+            return None
+        vals = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                if ln.startswith((name + "{", name + " "))]  # a counter's own lines, not its _created
+        return sum(vals) if vals else None
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+def gpu_memory_mib() -> int | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def good_request(server: Server) -> bool:
+    code, body = server.post({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    return code == 200 and isinstance(body, dict) and bool(body.get("choices"))
+
+
+# ---- parts ----
+
+def part_soak(args, out: Path, prefix: bool) -> dict:
+    tok = Path(args.tokenizer)
+    e2e.ensure_tokenizer(tok, False)
+    model = e2e.write_model_dir(out / "models", "llama-2-7b", e2e.MODELS["llama-2-7b"], "atom", tok)
+    tag = "soak-prefix" if prefix else "soak"
+    serve = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN), *KV4,
+             "--gpu-memory-utilization", "0.85"]
+    if prefix:
+        serve += ["--enable-prefix-caching", "--max-num-batched-tokens", "512"]
+    server = Server(model, serve, out / f"{tag}-server.log", args.port)
+    res: dict = {"server_args": serve}
+    try:
+        if not server.wait_ready(args.ready_timeout):
+            return {**res, "ok": False, "error": "server did not become ready",
+                    "log_tail": e2e.last_error_line((out / f"{tag}-server.log").read_text())}
+        res["warmup_ok"] = good_request(server)
+        res["gpu_mib_before"] = gpu_memory_mib()
+        bench = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", server.url, "--model", str(model),
+                 "--dataset-name", "random", "--num-prompts", str(args.num_prompts), "--max-concurrency", "64",
+                 "--random-input-len", "512" if prefix else "1024", "--random-output-len", "112",
+                 "--random-range-ratio", "0.9", "--ignore-eos", "--seed", "0", "--save-result",
+                 "--result-dir", str(out), "--result-filename", f"{tag}-bench.json",
+                 "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,90,99"]
+        if prefix:
+            bench += ["--random-prefix-len", "512"]
+        rc, secs = e2e.run_command(bench, out / f"{tag}-bench.log", args.bench_timeout)
+        res.update(bench_rc=rc, bench_s=secs)
+        path = out / f"{tag}-bench.json"
+        if path.exists():
+            b = json.loads(path.read_text())
+            res.update({k: b.get(k) for k in ("completed", "failed", "duration", "request_throughput",
+                                              "output_throughput", "max_concurrent_requests")})
+            res.update({k: round(v, 1) for k, v in b.items() if k.startswith(("p50_", "p90_", "p99_"))})
+            res["errors"] = sorted({e for e in b.get("errors", []) if e})[:5]
+        res["gpu_mib_after"] = gpu_memory_mib()
+        res["answers_after"] = good_request(server) and server.healthy()
+        before, after = res.get("gpu_mib_before"), res.get("gpu_mib_after")
+        res["gpu_growth"] = None if not before or after is None else round((after - before) / before, 4)
+        res["ok"] = bool(res.get("completed") == args.num_prompts and res.get("failed") == 0
+                         and res["answers_after"] and res["gpu_growth"] is not None and res["gpu_growth"] < 0.01)
+        return res
+    finally:
+        server.stop()
+
+
+def bad_request_bodies(model: str) -> dict[str, bytes | dict]:
+    return {
+        "prompt-longer-than-max-model-len": {"prompt": [5] * (MAX_MODEL_LEN + 10), "max_tokens": 4},
+        "max-tokens-huge": {"prompt": "hello", "max_tokens": 10 ** 9},
+        "max-tokens-negative": {"prompt": "hello", "max_tokens": -5},
+        "logprobs-out-of-range": {"prompt": "hello", "max_tokens": 4, "logprobs": 10 ** 6},
+        "logprobs-not-a-number": {"prompt": "hello", "max_tokens": 4, "logprobs": "many"},
+        "empty-prompt": {"prompt": "", "max_tokens": 4},
+        "not-utf8": b'{"model": "' + model.encode() + b'", "prompt": "\xff\xfe\xfa", "max_tokens": 4}',
+    }
+
+
+def cancelled_streams(server: Server, n: int = 32) -> int:
+    """Open n streaming completions, read a little of each response, drop the connection; how many
+    streams started."""
+    started = []
+
+    def one():
+        body = json.dumps({"model": server.model, "prompt": "Once upon a time", "max_tokens": 512,
+                           "stream": True, "ignore_eos": True}).encode()
+        host, port = server.url.rsplit("/", 1)[1].split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=30) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                if s.recv(256):
+                    started.append(1)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(started)
+
+
+def part_bad_requests(args, out: Path) -> dict:
+    tok = Path(args.tokenizer)
+    e2e.ensure_tokenizer(tok, False)
+    model = e2e.write_model_dir(out / "models", "llama-2-7b", e2e.MODELS["llama-2-7b"], "atom", tok)
+    server = Server(model, ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN), *KV4,
+                            "--gpu-memory-utilization", "0.85"], out / "bad-requests-server.log", args.port)
+    try:
+        if not server.wait_ready(args.ready_timeout):
+            return {"ok": False, "error": "server did not become ready"}
+        cases = {}
+        for name, body in bad_request_bodies(str(model)).items():
+            code, text = server.post(body)
+            cases[name] = {"status": code, "reply": text if isinstance(text, str) else "(200 with a body)",
+                           "ok": 400 <= code < 500}
+        n = cancelled_streams(server)
+        time.sleep(2)
+        cases["cancelled-streams"] = {"started": n, "ok": n > 0}
+        alive = server.healthy() and good_request(server)
+        return {"cases": cases, "answers_after": alive, "ok": alive and all(c["ok"] for c in cases.values())}
+    finally:
+        server.stop()
+
+
+def tiny_checkpoint(args, out: Path) -> Path:
+    """The tiny Llama of tests/gpu/tiny_models.py, quantized (INT4 KV) on the GPU; cached in out."""
+    sys.path.insert(0, str(REPO / "tests" / "gpu"))
+    from tiny_models import make_tiny, stdlib_text
+
+    from vllm_atom.config import AtomConfig
+    from vllm_atom.quantize.pipeline import QuantizeOptions, quantize
+
+    ckpt = out / "tiny-atom-kv4"
+    if not (ckpt / "config.json").exists():
+        tok = Path(args.tokenizer)
+        e2e.ensure_tokenizer(tok, False)
+        base = make_tiny(str(out / "tiny-fp16"), str(tok), outlier_gain=10.0, logit_gain=8.0)
+        calib = stdlib_text(str(out / "calib.txt"), 0, 40)
+        quantize(base, str(ckpt), calib, AtomConfig(kv_bits=4),
+                 QuantizeOptions(nsamples=32, seqlen=256, device="cuda"), progress=False)
+    return ckpt
+
+
+def greedy_run(server: Server, n: int = 32, max_tokens: int = 160) -> list[str | None]:
+    """n greedy completions sent at once (distinct prompts)."""
+    texts: list[str | None] = [None] * n
+
+    def one(i):
+        code, body = server.post({"prompt": f"def function_{i}(x):\n    return", "max_tokens": max_tokens,
+                                  "temperature": 0, "ignore_eos": True}, timeout=300)
+        if code == 200:
+            texts[i] = body["choices"][0]["text"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts
+
+
+def part_preempt(args, out: Path) -> dict:
+    ckpt = tiny_checkpoint(args, out)
+    runs = {}
+    for name, extra in (("room", []), ("preempted", ["--num-gpu-blocks-override", "64"])):
+        server = Server(ckpt, [*KV4, "--max-model-len", "512", "--gpu-memory-utilization", "0.3", *extra],
+                        out / f"preempt-{name}-server.log", args.port)
+        try:
+            if not server.wait_ready(args.ready_timeout):
+                return {"ok": False, "error": f"{name}: server did not become ready"}
+            texts = greedy_run(server)
+            runs[name] = {"texts": texts, "preemptions": server.metric("vllm:num_preemptions_total")}
+        finally:
+            server.stop()
+    a, b = runs["room"]["texts"], runs["preempted"]["texts"]
+    same = sum(int(x is not None and x == y) for x, y in zip(a, b))
+    pre = runs["preempted"]["preemptions"]
+    return {"requests": len(a), "identical": same, "preemptions": pre,
+            "preemptions_with_room": runs["room"]["preemptions"],
+            "ok": same == len(a) and bool(pre)}
+
+
+def part_bad_checkpoints(args, out: Path) -> dict:
+    ckpt = tiny_checkpoint(args, out)
+    cases = {}
+    for name in MUTATIONS:
+        d = out / f"broken-{name}"
+        expect = write_mutated(ckpt, d, name)
+        log = out / f"broken-{name}.log"
+        rc, secs = e2e.run_command(["vllm", "serve", str(d), "--port", str(args.port), *KV4,
+                                    "--gpu-memory-utilization", "0.3"], log, 60)
+        text = log.read_text(errors="replace")
+        named = [ln.strip()[:300] for ln in text.splitlines() if expect in ln and "Error" in ln]
+        cases[name] = {"rc": rc, "seconds": secs, "expect": expect, "error_line": named[-1] if named else None,
+                       "ok": rc not in (0, None) and bool(named)}
+    return {"cases": cases, "ok": all(c["ok"] for c in cases.values())}
+
+
+def part_sanitizer(args, out: Path) -> dict:
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", sys.executable, "-m", "pytest",
+           "-q", "-p", "no:cacheprovider", "tests/gpu/test_kernels.py", "tests/gpu/test_kv_int4.py",
+           "tests/gpu/test_sm90.py", "-k", args.sanitizer_k]
+    rc, secs = e2e.run_command(cmd, out / "sanitizer.log", args.sanitizer_timeout)
+    text = (out / "sanitizer.log").read_text(errors="replace")
+    summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln or " failed" in ln]
+    return {"rc": rc, "seconds": secs, "selection": args.sanitizer_k, "summary": summary[-3:], "ok": rc == 0}
+
+
+# ---- driver ----
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--out", default=str(HERE / "results"), help="directory of reliability-<gpu>.json")
+    ap.add_argument("--work", default="/tmp/atom-reliability", help="logs, models, checkpoints")
+    ap.add_argument("--tokenizer", default="/tmp/atom-tiny-tokenizer")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--ready-timeout", type=float, default=300)
+    ap.add_argument("--bench-timeout", type=float, default=480)
+    ap.add_argument("--sanitizer-k", default="not graph and not 8192")
+    ap.add_argument("--sanitizer-timeout", type=float, default=540)
+    args = ap.parse_args(argv)
+    args.parts = e2e.pick(args.parts, PARTS, "part")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    info = e2e.gpu_info()
+    device = info[0] if info else "unknown GPU"
+    path = Path(args.out) / f"reliability-{e2e.gpu_tag(device)}.json"
+    record = json.loads(path.read_text()) if path.exists() else {"parts": {}}
+    run = {"soak": lambda: part_soak(args, work, False), "soak-prefix": lambda: part_soak(args, work, True),
+           "bad-requests": lambda: part_bad_requests(args, work), "preempt": lambda: part_preempt(args, work),
+           "bad-checkpoints": lambda: part_bad_checkpoints(args, work), "sanitizer": lambda: part_sanitizer(args, work)}
+    for part in args.parts:
+        t0 = time.time()
+        try:
+            res = run[part]()
+        except Exception as e:  # noqa: BLE001  (a part that crashes is a result too)
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        res.update(seconds_total=round(time.time() - t0, 1), commit=e2e.commit())
+        record["parts"][part] = res
+        print(f"{part:16} {'ok' if res.get('ok') else 'FAILED'}  ({res['seconds_total']} s)", flush=True)
+        record.update(device=device, vllm=e2e.vllm_version())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+    return 0 if all(record["parts"][p].get("ok") for p in args.parts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""examples/benchmarks/reliability.py, the parts that run without a GPU: each bad-checkpoint
+mutation breaks what it says, and the reader names what is broken."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_atom.checkpoint import load_checkpoint
+from vllm_atom.config import AtomConfig
+from vllm_atom.format import check_linear_tensors, linear_layout
+from vllm_atom.quantize import QuantizeOptions, quantize
+
+from test_quantize import make_tiny  # noqa: E402  (tests/ is on sys.path under pytest)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+import reliability  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    src = make_tiny(root / "llama")
+    quantize(src, root / "q", src / "calib.txt", AtomConfig(), QuantizeOptions(nsamples=2, seqlen=64), progress=False)
+    return root / "q"
+
+
+@pytest.mark.parametrize("mutation", ["missing-tensor", "wrong-shape", "wrong-dtype"])
+def test_tensor_mutations_are_named_by_the_checker(ckpt, tmp_path, mutation):
+    cfg, _, good = load_checkpoint(ckpt)
+    expect = reliability.write_mutated(ckpt, tmp_path / "bad", mutation)
+    _, _, bad = load_checkpoint(tmp_path / "bad")
+    prefix = expect.rsplit(".", 1)[0]
+    assert set(good) - set(bad) == ({expect} if mutation == "missing-tensor" else set())
+    k = good[f"{prefix}.reorder_index"].numel()
+    n = good[f"{prefix}.w_scale"].shape[0]
+    check_linear_tensors(prefix, good, linear_layout(k, n, cfg, 1))  # the original passes
+    with pytest.raises(ValueError, match=expect.replace(".", r"\.")):
+        check_linear_tensors(prefix, bad, linear_layout(k, n, cfg, 1))
+
+
+def test_reorder_mutation_is_not_a_permutation(ckpt, tmp_path):
+    reliability.write_mutated(ckpt, tmp_path / "bad", "reorder-not-a-permutation")
+    _, _, t = load_checkpoint(tmp_path / "bad")
+    names = [f"model.layers.0.self_attn.{p}_proj.reorder_index" for p in "qkv"]
+    for k in names:
+        idx = t[k].long()
+        assert torch.unique(idx).numel() < idx.numel()
+        assert torch.equal(idx, t[names[0]].long())  # q/k/v still share one (broken) reorder
+    o = t["model.layers.0.self_attn.o_proj.reorder_index"].long()
+    assert torch.unique(o).numel() == o.numel()  # only the one broken
+
+
+def test_config_mutations(ckpt, tmp_path):
+    reliability.write_mutated(ckpt, tmp_path / "fv", "unknown-format-version")
+    with pytest.raises(ValueError, match="format_version"):
+        load_checkpoint(tmp_path / "fv")
+    reliability.write_mutated(ckpt, tmp_path / "rs", "row-shards-not-tp")
+    q = json.loads((tmp_path / "rs" / "config.json").read_text())["quantization_config"]
+    assert q["row_shards"] == 2 and AtomConfig.from_dict(q).row_shards == 2
+
+
+def test_bad_request_bodies_cover_the_issue_list():
+    bodies = reliability.bad_request_bodies("m")
+    assert len(bodies["prompt-longer-than-max-model-len"]["prompt"]) > reliability.MAX_MODEL_LEN
+    with pytest.raises(UnicodeDecodeError):
+        bodies["not-utf8"].decode("utf-8")
+    assert {"max-tokens-huge", "max-tokens-negative", "logprobs-out-of-range", "empty-prompt"} <= set(bodies)
