@@ -21,7 +21,8 @@ part into ``results/reliability-<gpu>.json``, so several device calls can fill o
                    must be identical.
   bad-checkpoints  copies of that checkpoint, each broken one way (`MUTATIONS`), served: each must
                    exit non-zero within 60 s with one line naming the tensor or field.
-  sanitizer        compute-sanitizer memcheck over the kernel tests (``--sanitizer-k`` selects).
+  sanitizer        compute-sanitizer memcheck over the kernel tests and tests/gpu/test_bad_numbers.py
+                   (NaN / Inf / huge inputs; ``--sanitizer-k`` selects).
 
     python examples/benchmarks/reliability.py [--parts soak,...] [--out DIR] [--port 8765]
 
@@ -386,7 +387,7 @@ def part_bad_checkpoints(args, out: Path) -> dict:
 def part_sanitizer(args, out: Path) -> dict:
     cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", sys.executable, "-m", "pytest",
            "-q", "-p", "no:cacheprovider", "tests/gpu/test_kernels.py", "tests/gpu/test_kv_int4.py",
-           "tests/gpu/test_sm90.py", "-k", args.sanitizer_k]
+           "tests/gpu/test_sm90.py", "tests/gpu/test_bad_numbers.py", "-k", args.sanitizer_k]
     rc, secs = e2e.run_command(cmd, out / "sanitizer.log", args.sanitizer_timeout)
     text = (out / "sanitizer.log").read_text(errors="replace")
     summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln or " failed" in ln]
