@@ -363,7 +363,12 @@ def part_preempt(args, out: Path) -> dict:
     a, b = runs["room"]["texts"], runs["preempted"]["texts"]
     same = sum(int(x is not None and x == y) for x, y in zip(a, b))
     pre = runs["preempted"]["preemptions"]
-    return {"requests": len(a), "identical": same, "preemptions": pre,
+    # where a pair first differs (characters): a late split after near-equal logits points at batch
+    # composition (the two runs batch the requests differently, so the GEMMs run at other M), an
+    # early or total one at the recompute path
+    first_diff = [None if x == y else next((i for i, (c, d) in enumerate(zip(x or "", y or "")) if c != d),
+                                           min(len(x or ""), len(y or ""))) for x, y in zip(a, b)]
+    return {"requests": len(a), "identical": same, "preemptions": pre, "first_difference": first_diff,
             "preemptions_with_room": runs["room"]["preemptions"],
             "ok": same == len(a) and bool(pre)}
 
