@@ -3,7 +3,9 @@
 Simulation only (no kernel does this yet; issue 16): the model's 16-bit weights, every attention's
 K and / or V fake-quantized to INT4 per (token, head) after RoPE as `reference.quantize_kv` does,
 optionally in a rotated basis: X' = fq(X H) H^T with H the normalised Sylvester Hadamard matrix of
-head_dim. For K that is what rotating Q and K online after RoPE computes ((Q H)(fq(K H))^T =
+head_dim (`reference.fake_quantize_kv(x, rotate=True)`, what the kernels' ``kv_rotate_k`` computes; the
+committed results/kv4-rotation-smollm2.json, 0370be2, came from a first form of this script that also
+rounded X H to the 16-bit dtype before quantizing). For K that is what rotating Q and K online after RoPE computes ((Q H)(fq(K H))^T =
 Q fq'(K)^T); for V what H folded into v_proj's rows and o_proj's columns computes.
 
     python examples/benchmarks/kv4_rotation.py MODEL_DIR [--text wiki] [--max-tokens 16384]
@@ -27,19 +29,11 @@ import torch
 from vllm_atom import evaluate, simulate
 from vllm_atom import reference as ref
 from vllm_atom.cli import main as cli_main
-from vllm_atom.quantize.rotate import hadamard
 
 # variant -> (quantize K, quantize V, rotate K, rotate V)
 VARIANTS = {"nokv": None, "base": (1, 1, 0, 0), "k": (1, 0, 0, 0), "v": (0, 1, 0, 0),
             "hk": (1, 1, 1, 0), "hv": (1, 1, 0, 1), "hkv": (1, 1, 1, 1)}
 _current: list = [None]
-
-
-def fake_quantize(x: torch.Tensor, rotate: bool) -> torch.Tensor:
-    if not rotate:
-        return ref.fake_quantize_kv(x)
-    h = hadamard(x.shape[-1]).to(x.device, torch.float32)
-    return (ref.fake_quantize_kv((x.float() @ h).to(x.dtype)).float() @ h.T).to(x.dtype)
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -50,9 +44,9 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         qk, qv, rk, rv = flags
         dt = getattr(module, "atom_io_dtype", torch.float16)
         if qk:
-            key = fake_quantize(key.to(dt), bool(rk)).to(query.dtype)
+            key = ref.fake_quantize_kv(key.to(dt), bool(rk)).to(query.dtype)
         if qv:
-            value = fake_quantize(value.to(dt), bool(rv)).to(query.dtype)
+            value = ref.fake_quantize_kv(value.to(dt), bool(rv)).to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

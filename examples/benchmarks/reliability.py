@@ -45,7 +45,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -60,32 +59,23 @@ KV4 = ["--kv-cache-dtype", "int4_per_token_head", "--attention-backend", "CUSTOM
 
 # ---- bad checkpoints: (name, what breaks, text the error must name) ----
 
-def _tensor(prefix: str) -> Callable[[dict], str]:
-    """The first tensor name starting with ``prefix`` (layer 0 of the checkpoint)."""
-    return lambda tensors: sorted(k for k in tensors if k.startswith(prefix))[0]
-
-
-def _drop(name_of):
+def _drop(name: str):
     def mutate(config, tensors):
-        name = name_of(tensors)
         del tensors[name]
         return name
     return mutate
 
 
-def _reshape(name_of):
+def _reshape(name: str):
     def mutate(config, tensors):
-        name = name_of(tensors)
-        t = tensors[name]
-        tensors[name] = t[..., : t.shape[-1] - 1].contiguous()
+        tensors[name] = tensors[name][..., :-1].contiguous()
         return name
     return mutate
 
 
-def _retype(name_of):
+def _retype(name: str):
     def mutate(config, tensors):
         import torch
-        name = name_of(tensors)
         tensors[name] = tensors[name].to(torch.int16)
         return name
     return mutate
@@ -109,9 +99,9 @@ def _row_shards(config, tensors):
 
 
 MUTATIONS = {
-    "missing-tensor": _drop(_tensor("model.layers.0.self_attn.k_proj.w_scale")),
-    "wrong-shape": _reshape(_tensor("model.layers.0.mlp.down_proj.qweight")),
-    "wrong-dtype": _retype(_tensor("model.layers.0.mlp.up_proj.w_outlier")),
+    "missing-tensor": _drop("model.layers.0.self_attn.k_proj.w_scale"),
+    "wrong-shape": _reshape("model.layers.0.mlp.down_proj.qweight"),
+    "wrong-dtype": _retype("model.layers.0.mlp.up_proj.w_outlier"),
     "reorder-not-a-permutation": _not_a_permutation,
     "unknown-format-version": _format_version,
     "row-shards-not-tp": _row_shards,
@@ -139,7 +129,7 @@ def write_mutated(src: Path, dst: Path, mutation: str) -> str:
 
 class Server:
     def __init__(self, model: Path, args: list[str], log: Path, port: int):
-        self.url, self.model = f"http://127.0.0.1:{port}", str(model)
+        self.url, self.model, self.args = f"http://127.0.0.1:{port}", str(model), list(args)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(["vllm", "serve", self.model, "--port", str(port), *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -204,24 +194,28 @@ def good_request(server: Server) -> bool:
 
 # ---- parts ----
 
-def part_soak(args, out: Path, prefix: bool) -> dict:
+def atom_7b_server(args, out: Path, tag: str, extra: list[str] = ()) -> Server:
+    """`vllm serve` of the Llama-2-7B-shaped Atom checkpoint (dummy weights, INT4 KV, graphs on)."""
     tok = Path(args.tokenizer)
     e2e.ensure_tokenizer(tok, False)
     model = e2e.write_model_dir(out / "models", "llama-2-7b", e2e.MODELS["llama-2-7b"], "atom", tok)
-    tag = "soak-prefix" if prefix else "soak"
     serve = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN), *KV4,
-             "--gpu-memory-utilization", "0.85"]
-    if prefix:
-        serve += ["--enable-prefix-caching", "--max-num-batched-tokens", "512"]
-    server = Server(model, serve, out / f"{tag}-server.log", args.port)
-    res: dict = {"server_args": serve}
+             "--gpu-memory-utilization", "0.85", *extra]
+    return Server(model, serve, out / f"{tag}-server.log", args.port)
+
+
+def part_soak(args, out: Path, prefix: bool) -> dict:
+    tag = "soak-prefix" if prefix else "soak"
+    server = atom_7b_server(args, out, tag, ["--enable-prefix-caching", "--max-num-batched-tokens", "512"]
+                            if prefix else [])
+    res: dict = {"server_args": server.args}
     try:
         if not server.wait_ready(args.ready_timeout):
             return {**res, "ok": False, "error": "server did not become ready",
                     "log_tail": e2e.last_error_line((out / f"{tag}-server.log").read_text())}
         res["warmup_ok"] = good_request(server)
         res["gpu_mib_before"] = gpu_memory_mib()
-        bench = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", server.url, "--model", str(model),
+        bench = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", server.url, "--model", server.model,
                  "--dataset-name", "random", "--num-prompts", str(args.num_prompts), "--max-concurrency", "64",
                  "--random-input-len", "512" if prefix else "1024", "--random-output-len", "112",
                  "--random-range-ratio", "0.9", "--ignore-eos", "--seed", "0", "--save-result",
@@ -288,16 +282,12 @@ def cancelled_streams(server: Server, n: int = 32) -> int:
 
 
 def part_bad_requests(args, out: Path) -> dict:
-    tok = Path(args.tokenizer)
-    e2e.ensure_tokenizer(tok, False)
-    model = e2e.write_model_dir(out / "models", "llama-2-7b", e2e.MODELS["llama-2-7b"], "atom", tok)
-    server = Server(model, ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN), *KV4,
-                            "--gpu-memory-utilization", "0.85"], out / "bad-requests-server.log", args.port)
+    server = atom_7b_server(args, out, "bad-requests")
     try:
         if not server.wait_ready(args.ready_timeout):
             return {"ok": False, "error": "server did not become ready"}
         cases = {}
-        for name, body in bad_request_bodies(str(model)).items():
+        for name, body in bad_request_bodies(server.model).items():
             code, text = server.post(body)
             cases[name] = {"status": code, "reply": text if isinstance(text, str) else "(200 with a body)",
                            "ok": 400 <= code < 500}
