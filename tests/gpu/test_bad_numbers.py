@@ -29,7 +29,7 @@ BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": 
 def _spoil(x: torch.Tensor, t: int, kind: str) -> torch.Tensor:
     bad = x.clone()
     cols = torch.arange(3, x.shape[1], 97, device=x.device)  # a few channels, INT4 groups and outliers
-    bad[t, cols] = BAD[kind] if kind != "huge" else torch.sign(bad[t, cols]).float() * BAD[kind]
+    bad[t, cols] = BAD[kind] if kind != "huge" else (torch.sign(bad[t, cols]).float() * BAD[kind]).to(x.dtype)
     return bad
 
 
