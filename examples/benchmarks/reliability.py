@@ -375,7 +375,7 @@ def part_preempt(args, out: Path) -> dict:
 def part_bad_checkpoints(args, out: Path) -> dict:
     ckpt = tiny_checkpoint(args, out)
     cases = {}
-    for name in args.mutations.split(",") if args.mutations else MUTATIONS:
+    for name in args.mutations or MUTATIONS:
         d = out / f"broken-{name}"
         expect = write_mutated(ckpt, d, name)
         log = out / f"broken-{name}.log"
@@ -415,6 +415,7 @@ def parse_args(argv=None):
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
     args = ap.parse_args(argv)
     args.parts = e2e.pick(args.parts, PARTS, "part")
+    args.mutations = e2e.pick(args.mutations, tuple(MUTATIONS), "mutation")
     return args
 
 
