@@ -12,12 +12,15 @@
 //                           nibble unpack feeds mma.m16n8k32. Bytes [Kn, KA) hold the outliers in
 //                           slot order, zero past O.
 //   sa       fp32  [G+(O>0), M]  out. sa[g, m] = a_clip*absmax/7 of group g; row G = absmax/127.
-// With SM90_LAYOUT=1 (the layout w4a4_sm90.cu reads; ld = M rounded up to 8, columns >= M of sa
-// unwritten):
+// With SM90_LAYOUT=1 (the layout w4a4_sm90.cu reads; ld = 2*Mp, Mp = M rounded up to 8, the
+// entries of tokens >= M unwritten):
 //   qa       int8  [G+(O>0), M, 128]  step s of token m at (s*M + m)*128, the same bytes as above
 //                           with 16-byte chunk c stored at chunk c ^ (m % 8); the outlier step
-//                           zero-padded to 128 bytes
-//   sa       fp32  [G+(O>0), ld]
+//                           zero-padded to 128 bytes. With E4M3=1 the INT4 groups' bytes are the
+//                           e4m3 encodings of the integers (exact), the outliers stay int8
+//   sa       fp32  [G+(O>0), ld]  per token pair (2p, 2p+1) at [4p, 4p+4): their scales, then
+//                           C = fp32(X * scale) * 2^-6 of each, X the sum of the token's integers
+//                           in the group (0 for the outlier step)
 // Numerics are those of vllm_atom.reference.quantize_activation, operation for operation
 // (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
 // Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
@@ -31,6 +34,9 @@
 #define WARPS (THREADS / 32)
 #ifndef SM90_LAYOUT
 #define SM90_LAYOUT 0
+#endif
+#ifndef E4M3  // (with SM90_LAYOUT) INT4 group bytes as e4m3, for the e4m3 variant of w4a4_sm90.cu
+#define E4M3 0
 #endif
 
 // Where bytes [p, p+4) (p a multiple of 4) of step s of token m go (gridDim.x = M).
@@ -70,6 +76,22 @@ __device__ __forceinline__ int quant(float v, float scale, float lo, float hi) {
   return scale > 0.0f ? (int)fminf(fmaxf(rintf(__fdiv_rn(v, scale)), lo), hi) : 0;
 }
 
+// The e4m3 byte of an integer q in [-8, 7] (exact): sign, exponent + 7 and the top 3 mantissa
+// bits of the fp32 value, 0 for 0.
+__device__ __forceinline__ int e4m3_of(int q) {
+  const u32 u = __float_as_uint((float)q);
+  return q == 0 ? 0 : (int)((((u >> 20) & 0x7FFu) - 960u) | ((u >> 24) & 0x80u));
+}
+
+// Where step s's scale of token m goes (C at + 2 in the sm90 layout).
+__device__ __forceinline__ size_t scale_index(int s, int m, int ld) {
+#if SM90_LAYOUT
+  return (size_t)s * ld + 4 * (m >> 1) + (m & 1);
+#else
+  return (size_t)s * ld + m;
+#endif
+}
+
 __device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
   return (u32)(a & 0xff) | ((u32)(b & 0xff) << 8) | ((u32)(c & 0xff) << 16) | ((u32)(d & 0xff) << 24);
 }
@@ -96,10 +118,21 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
       for (int i = 0; i < 4; ++i) v[i] = to_float(row[reorder[base + 2 * i]]);
       float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
       const float scale = __fdiv_rn(__fmul_rn(amax, clip), 7.0f);
-      *out_word(qa, s, 4 * lane, m, ld, Kn, KA) =
-          pack4(quant(v[0], scale, -8.f, 7.f), quant(v[1], scale, -8.f, 7.f),
-                quant(v[2], scale, -8.f, 7.f), quant(v[3], scale, -8.f, 7.f));
-      if (lane == 0) sa[(size_t)s * ld + m] = scale;
+      int q[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q[i] = quant(v[i], scale, -8.f, 7.f);
+#if E4M3
+      *out_word(qa, s, 4 * lane, m, ld, Kn, KA) = pack4(e4m3_of(q[0]), e4m3_of(q[1]), e4m3_of(q[2]), e4m3_of(q[3]));
+#else
+      *out_word(qa, s, 4 * lane, m, ld, Kn, KA) = pack4(q[0], q[1], q[2], q[3]);
+#endif
+#if SM90_LAYOUT
+      int x = q[0] + q[1] + q[2] + q[3];  // the group's integer sum, for the e4m3 fold's C
+#pragma unroll
+      for (int o = 16; o; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      if (lane == 0) sa[scale_index(s, m, ld) + 2] = __fmul_rn((float)x, scale) * 0.015625f;
+#endif
+      if (lane == 0) sa[scale_index(s, m, ld)] = scale;
     } else {
       float amax = 0.0f;
 #pragma unroll
@@ -114,7 +147,10 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
         *out_word(qa, s, 4 * lane, m, ld, Kn, KA) =
             pack4(quant(v[0], scale, -128.f, 127.f), quant(v[1], scale, -128.f, 127.f),
                   quant(v[2], scale, -128.f, 127.f), quant(v[3], scale, -128.f, 127.f));
-      if (lane == 0) sa[(size_t)s * ld + m] = scale;
+      if (lane == 0) sa[scale_index(s, m, ld)] = scale;
+#if SM90_LAYOUT
+      if (lane == 0) sa[scale_index(s, m, ld) + 2] = 0.0f;
+#endif
     }
   }
 }

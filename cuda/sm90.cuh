@@ -1,5 +1,5 @@
 // sm90.cuh -- PTX wrappers for Hopper (sm_90a): mbarriers, bulk async copies (TMA without a
-// tensor map), warpgroup MMA on s8 with the A operand in registers, cluster shared memory.
+// tensor map), warpgroup MMA on s8 and e4m3 with the A operand in registers, cluster shared memory.
 //
 // Tensor contract: none of its own. Only kernels compiled for sm_90a include this header.
 #pragma once
@@ -88,7 +88,8 @@ __device__ __forceinline__ u64 desc_sw128(u32 addr) {
   return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
-// D[64 x WIDTH] (s32) = A[64 x 32] (s8, registers) * B[32 x WIDTH] (s8, shared, K-major) + (scale_d ? D : 0).
+// D[64 x WIDTH] (s32) = A[64 x 32] (s8, registers) * B[32 x WIDTH] (s8, shared, K-major) + (scale_d ? D : 0);
+// `mma_e4m3`: the same with e4m3 A and B and fp32 D (its bits in the same int registers).
 // Accumulator layout (thread = warp w of the warpgroup, lane = 4g + t): d[4j + 2h + e] holds
 // row 16w + g + 8h, column 8j + 2t + e. A fragment: a[0] row g, k 4t..4t+3; a[1] row g+8, same k;
 // a[2] row g, k 16+4t..; a[3] row g+8, k 16+4t.. (four s8 per register, lowest k first).
@@ -110,6 +111,15 @@ template <> struct Wgmma<8> {
         "}, {%4, %5, %6, %7}, %8, p;\n}\n"
         : ACC4(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
+  // The same shapes on e4m3 operands, fp32 accumulators (in the same 32-bit registers).
+  __device__ __forceinline__ static void mma_e4m3(int (&d)[4], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3"
+        "}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+        : ACC4(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
 };
 
 template <> struct Wgmma<16> {
@@ -121,6 +131,15 @@ template <> struct Wgmma<16> {
         "}, {%8, %9, %10, %11}, %12, p;\n}\n"
         : ACC8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
+  // The same shapes on e4m3 operands, fp32 accumulators (in the same 32-bit registers).
+  __device__ __forceinline__ static void mma_e4m3(int (&d)[8], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7"
+        "}, {%8, %9, %10, %11}, %12, p, 1, 1;\n}\n"
+        : ACC8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
 };
 
 template <> struct Wgmma<32> {
@@ -130,6 +149,15 @@ template <> struct Wgmma<32> {
         "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
         "}, {%16, %17, %18, %19}, %20, p;\n}\n"
+        : ACC16(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
+  // The same shapes on e4m3 operands, fp32 accumulators (in the same 32-bit registers).
+  __device__ __forceinline__ static void mma_e4m3(int (&d)[16], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+        "}, {%16, %17, %18, %19}, %20, p, 1, 1;\n}\n"
         : ACC16(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };
@@ -144,6 +172,16 @@ template <> struct Wgmma<64> {
         "}, {%32, %33, %34, %35}, %36, p;\n}\n"
         : ACC32(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
+  // The same shapes on e4m3 operands, fp32 accumulators (in the same 32-bit registers).
+  __device__ __forceinline__ static void mma_e4m3(int (&d)[32], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+        : ACC32(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
 };
 
 template <> struct Wgmma<128> {
@@ -156,6 +194,18 @@ template <> struct Wgmma<128> {
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
         "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+        : ACC64(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
+  // The same shapes on e4m3 operands, fp32 accumulators (in the same 32-bit registers).
+  __device__ __forceinline__ static void mma_e4m3(int (&d)[64], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
         : ACC64(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
   }
 };

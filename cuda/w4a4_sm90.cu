@@ -7,7 +7,9 @@
 //                                  32-slot chunks as for w4a4_gemm.cu), 16-byte chunk c stored at
 //                                  chunk c ^ (m % 8) (the 128-byte swizzle wgmma reads); the last
 //                                  step holds the INT8 outliers, zero-padded to 128
-//   sa    fp32   [steps, Mp]       per (step, token) activation scales
+//   sa    fp32   [steps, 2*Mp]     per step and token pair (2p, 2p+1) at [4p, 4p+4): the two
+//                                  activation scales, then C = fp32(X * scale) * 2^-6 of each (X
+//                                  the sum of the token's integers in the group)
 //   wpack uint8  [Np/64, slab]     prepacked weights (layout.prepack_sm90): per 64-row slab, per
 //                                  INT4 group a 4224-byte chunk (4096 bytes of wgmma A fragments,
 //                                  then 64 fp16 scales), then one 8320-byte outlier chunk (8192
@@ -15,7 +17,14 @@
 //   bias  T [N] or null;  out T [M, N]
 // Math: per step an exact int32 dot product on tensor cores (wgmma m64nBNk32 s8, INT4 weights
 // expanded in registers to 16*w), folded into fp32 as acc += (isum * sw) * sa with an integer
-// add of the bits of 1.5*2^23 and two FMAs (see common.cuh), steps in order; the
+// add of the bits of 1.5*2^23 and two FMAs (see common.cuh), steps in order. With E4M3 the INT4
+// groups run on e4m3 wgmma instead: activations x in [-8, 7] as e4m3 bytes (act_quant.cu with
+// E4M3), weights as u = w + 8 in [0, 15] (the nibble XOR 8 in a byte's low bits, which as e4m3
+// is u * 2^-9), so a group returns P = (isum + 8X) * 2^-9 in fp32, exact: every partial sum is an
+// integer number of 2^-9 below 128 * 15 * 8 = 15,360 < 2^14 of them, which Hopper's fp32 wgmma
+// accumulation (products aligned to the largest term, 13 bits kept below it, 14-bit result)
+// holds exactly. Fold: t = fma(P, sa, -C) (= isum * sa * 2^-9, C's rounding extra), acc =
+// fma(t, 512 * sw, acc): two FMAs. The outlier step stays s8. The
 // CS CTAs of a cluster split the steps and their partial tiles are summed in rank order
 // through distributed shared memory; then bias and rounding to T. The same arithmetic as
 // w4a4_gemm.cu, step by step.
@@ -43,6 +52,9 @@
 #ifndef KS  // consumer warpgroups per slab (1 or 2)
 #define KS 1
 #endif
+#ifndef E4M3  // 1: the INT4 groups on e4m3 wgmma (activations written with E4M3 by act_quant.cu)
+#define E4M3 0
+#endif
 #define SL (WGC / KS)  // 64-row slabs per tile
 #define ROWS (64 * SL)
 #define THREADS (128 * WGC + 128)
@@ -51,7 +63,7 @@
 #define ACT_BYTES (BN * 128)
 #define W_OFF ACT_BYTES
 #define SA_OFF (W_OFF + SL * CHUNK8)
-#define STAGE_BYTES ((SA_OFF + BN * 4 + 1023) / 1024 * 1024)
+#define STAGE_BYTES ((SA_OFF + BN * 8 + 1023) / 1024 * 1024)
 #define P_LD (ROWS + 4)  // partial tile [BN][P_LD] fp32: conflict-free writes of the fragments
 #define NACC (BN / 2)
 #define GROUP_M 8
@@ -98,7 +110,9 @@ __device__ __forceinline__ WOffsets weight_offsets(int w, int lane) {
   return {w * 1024 + lane * 16, 4096 + row, w * 2048 + lane * 16, 8192 + row};
 }
 
-// This thread's A fragments (4 k-chunks of 32) and its two rows' weight scales for one step.
+// This thread's A fragments (4 k-chunks of 32) and its two rows' weight scales for one step:
+// INT4 groups as int8 16*w with sw / 16, or (FP8) as the e4m3 bytes of w + 8 with 512 * sw.
+template <bool FP8>
 __device__ __forceinline__ void load_weights(const unsigned char* chunk, bool outlier, const WOffsets& o,
                                              u32 (&a)[4][4], float (&sw)[2]) {
   if (!outlier) {
@@ -106,15 +120,23 @@ __device__ __forceinline__ void load_weights(const unsigned char* chunk, bool ou
     const uint4 hi = *(const uint4*)(chunk + o.frag4 + 512);  // row g + 8
     const u32 l[4] = {lo.x, lo.y, lo.z, lo.w}, h[4] = {hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {  // even nibbles (slots 8t+2i) * 16, then odd ones
-      a[kc][0] = (l[kc] << 4) & 0xF0F0F0F0u;
-      a[kc][1] = (h[kc] << 4) & 0xF0F0F0F0u;
-      a[kc][2] = l[kc] & 0xF0F0F0F0u;
-      a[kc][3] = h[kc] & 0xF0F0F0F0u;
+    for (int kc = 0; kc < 4; ++kc) {  // even nibbles (slots 8t+2i), then odd ones
+      if (FP8) {  // nibble ^ 8 = w + 8 in the low bits of each byte: e4m3 (w + 8) * 2^-9
+        a[kc][0] = (l[kc] & 0x0F0F0F0Fu) ^ 0x08080808u;
+        a[kc][1] = (h[kc] & 0x0F0F0F0Fu) ^ 0x08080808u;
+        a[kc][2] = ((l[kc] >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+        a[kc][3] = ((h[kc] >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+      } else {  // 16 * w as int8
+        a[kc][0] = (l[kc] << 4) & 0xF0F0F0F0u;
+        a[kc][1] = (h[kc] << 4) & 0xF0F0F0F0u;
+        a[kc][2] = l[kc] & 0xF0F0F0F0u;
+        a[kc][3] = h[kc] & 0xF0F0F0F0u;
+      }
     }
     const u16* s = (const u16*)(chunk + o.scale4);
-    sw[0] = half_to_float(s[0]) * 0.0625f;
-    sw[1] = half_to_float(s[8]) * 0.0625f;
+    const float f = FP8 ? 512.0f : 0.0625f;  // exact: powers of two on fp16 values
+    sw[0] = half_to_float(s[0]) * f;
+    sw[1] = half_to_float(s[8]) * f;
   } else {
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
@@ -131,29 +153,34 @@ __device__ __forceinline__ void load_weights(const unsigned char* chunk, bool ou
 }
 
 // Issue the 4 k-chunks of one step on the WIDTH tokens whose 128-byte rows start at shared
-// address `act` (one commit group); the first one overwrites the accumulators (only wgmma
-// defines them, so ptxas keeps the MMAs asynchronous).
-template <int WIDTH>
+// address `act` (one commit group), s8 or e4m3; the first one overwrites the accumulators (only
+// wgmma defines them, so ptxas keeps the MMAs asynchronous).
+template <int WIDTH, bool FP8>
 __device__ __forceinline__ void issue(int (&c)[WIDTH / 2], const u32 (&a)[4][4], u32 act) {
   const u64 desc = desc_sw128(act);  // k-chunk kc starts 32 bytes further: + 2 in the address field
   fence_operand(c);
   wgmma_fence();
 #pragma unroll
-  for (int kc = 0; kc < 4; ++kc) Wgmma<WIDTH>::mma(c, a[kc], desc + 2 * kc, kc > 0);
+  for (int kc = 0; kc < 4; ++kc) {
+    if (FP8)
+      Wgmma<WIDTH>::mma_e4m3(c, a[kc], desc + 2 * kc, kc > 0);
+    else
+      Wgmma<WIDTH>::mma(c, a[kc], desc + 2 * kc, kc > 0);
+  }
   wgmma_commit();
   fence_operand(c);
 }
 
 // acc += (isum * sw) * sa for one step: c holds isum (MAGIC_I + isum read as a float is
 // MAGIC_F + isum exactly, see common.cuh), sw this thread's two rows' weight scales, fa[i] the
-// activation scales of its tokens 8i + 2t and 8i + 2t + 1.
-template <int WIDTH>
+// activation scales (.x, .y) of its tokens 8i + 2t and 8i + 2t + 1.
+template <int WIDTH, class F>
 __device__ __forceinline__ void fold(float (&acc)[WIDTH / 2], const int (&c)[WIDTH / 2], const float (&sw)[2],
-                                     const float2 (&fa_)[WIDTH / 8]) {
+                                     const F (&fa_)[WIDTH / 8]) {
   const float off[2] = {-MAGIC_F * sw[0], -MAGIC_F * sw[1]};  // exact: 13-bit products
 #pragma unroll
   for (int i = 0; i < WIDTH / 8; ++i) {
-    const float2 fa = fa_[i];
+    const F fa = fa_[i];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int q = 4 * i + 2 * h;
@@ -161,6 +188,25 @@ __device__ __forceinline__ void fold(float (&acc)[WIDTH / 2], const int (&c)[WID
       const float t1 = fmaf(__int_as_float(c[q + 1] + MAGIC_I), sw[h], off[h]);
       acc[q] = fmaf(t0, fa.x, acc[q]);
       acc[q + 1] = fmaf(t1, fa.y, acc[q + 1]);
+    }
+  }
+}
+
+// The same for an e4m3 step: c holds P = (isum + 8X) * 2^-9 as fp32 bits, fa[i] = (sa, sa', C,
+// C') of tokens 8i + 2t, 8i + 2t + 1, sw = 512 * the weight scales: acc += (P * sa - C) * sw.
+template <int WIDTH>
+__device__ __forceinline__ void fold_e4m3(float (&acc)[WIDTH / 2], const int (&c)[WIDTH / 2], const float (&sw)[2],
+                                          const float4 (&fa_)[WIDTH / 8]) {
+#pragma unroll
+  for (int i = 0; i < WIDTH / 8; ++i) {
+    const float4 fa = fa_[i];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int q = 4 * i + 2 * h;
+      const float t0 = fmaf(__int_as_float(c[q]), fa.x, -fa.z);  // = isum * sa * 2^-9
+      const float t1 = fmaf(__int_as_float(c[q + 1]), fa.y, -fa.w);
+      acc[q] = fmaf(t0, sw[h], acc[q]);
+      acc[q + 1] = fmaf(t1, sw[h], acc[q + 1]);
     }
   }
 }
@@ -214,13 +260,13 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
         if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
         const u32 wbytes = j == G ? CHUNK8 : CHUNK4;
         unsigned char* st = smem + s * STAGE_BYTES;
-        mbar_arrive_expect_tx(&full[s], wgs * wbytes + rows * 128 + srows * 4);
+        mbar_arrive_expect_tx(&full[s], wgs * wbytes + rows * 128 + srows * 8);
         const unsigned char* wsrc = wpack + (size_t)tn * SL * slab + (size_t)j * CHUNK4;
 #pragma unroll
         for (int w = 0; w < SL; ++w)
           if (w < wgs) bulk_copy(st + W_OFF + w * CHUNK8, wsrc + w * slab, wbytes, &full[s], stream);
         bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
-        bulk_copy(st + SA_OFF, sa + (size_t)j * Mp + m0, srows * 4, &full[s], keep);
+        bulk_copy(st + SA_OFF, sa + ((size_t)j * Mp + m0) * 2, srows * 8, &full[s], keep);
       }
     }
 #if CS > 1
@@ -244,7 +290,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
 #endif
   const WOffsets wo = weight_offsets(w, lane);
   const unsigned char* wbase = smem + W_OFF + sl * CHUNK8;
-  const unsigned char* sabase = smem + SA_OFF + 2 * t * 4;
+  const unsigned char* sabase = smem + SA_OFF + t * 16;  // token pair 4i + t at 16 * (4i + t)
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
@@ -253,17 +299,31 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   for (int j = j0 + kh; j < j1; j += KS) {
     mbar_wait(&full[s], phase);
     const int so = s * STAGE_BYTES;
+    const bool outl = j == G;
     u32 a[4][4];
     float sw[2];
-    load_weights(wbase + so, j == G, wo, a, sw);
-    float2 fa[BN / 8];  // activation scales of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
+    load_weights<E4M3 != 0>(wbase + so, outl, wo, a, sw);
+#if E4M3
+    float4 fa[BN / 8];  // (scales, C) of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(sabase + so + 8 * i * 4);
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float4*)(sabase + so + 64 * i);
+#else
+    float2 fa[BN / 8];  // scales of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(sabase + so + 64 * i);
+#endif
     int c[NACC];
 #if PINGPONG
     if (wg == 1 || j > j0) named_sync(2 + wg, 256);  // my turn: the other's MMAs are done
 #endif
-    issue<BN>(c, a, smem_addr(smem + so));
+#if E4M3
+    if (outl)
+      issue<BN, false>(c, a, smem_addr(smem + so));
+    else
+      issue<BN, true>(c, a, smem_addr(smem + so));
+#else
+    issue<BN, false>(c, a, smem_addr(smem + so));
+#endif
     wgmma_wait<0>();
     fence_operand(c);
 #if PINGPONG
@@ -271,7 +331,14 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
 #endif
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
+#if E4M3
+    if (outl)
+      fold<BN>(acc, c, sw, fa);
+    else
+      fold_e4m3<BN>(acc, c, sw, fa);
+#else
     fold<BN>(acc, c, sw, fa);
+#endif
 #if KS == 1
     if (++s == STAGES) s = 0, phase ^= 1;
 #else

@@ -37,19 +37,23 @@ def test_gemm_compiles(arch, cfg, bf16):
     assert _loader.compile_cubin("w4a4_gemm.cu", gemm_defines(cfg, bf16), arch)
 
 
+@pytest.mark.parametrize("e4m3", [0, 1])
 @pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("cs", SM90_SPLITS)
 @pytest.mark.parametrize("bn,wgc,ks", [(bn, *shape) for bn in SM90_WIDTHS for shape in sm90_shapes(bn)])
-def test_sm90_gemm_compiles(bn, wgc, ks, cs, bf16):
-    """Every width x warpgroups x cluster split `gemm_plan.sm90_plan` can pick, for sm_90a (wgmma)."""
-    cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
+def test_sm90_gemm_compiles(bn, wgc, ks, cs, bf16, e4m3):
+    """Every width x warpgroups x cluster split `gemm_plan.sm90_plan` can pick, for sm_90a (wgmma),
+    with s8 or e4m3 groups (VLLM_ATOM_E4M3_MIN_M moves the cut to any width)."""
+    cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks, e4m3)
     assert cfg.smem_bytes <= 227 * 1024
     assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
 
 
+@pytest.mark.parametrize("e4m3", [0, 1])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_act_quant_sm90_layout_compiles(arch):
-    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", 1), ("SM90_LAYOUT", 1)), arch)
+def test_act_quant_sm90_layout_compiles(arch, e4m3):
+    e4m3_define = (("E4M3", 1),) if e4m3 else ()  # (as cuda_ops._act_defines spells them: the cache key)
+    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", 1), ("SM90_LAYOUT", 1)) + e4m3_define, arch)
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

@@ -9,6 +9,9 @@ The results are wrong by construction for every variant but "base": they only bo
     noact    the activation tile is not copied (no activation traffic from L2)
     stream   nofold + nomma: the producer's copies and the barriers alone
     pp1      PINGPONG on: two consumer warpgroups take turns issuing their MMAs
+    s8, e4m3 the shipped kernel with the INT4 groups on s8 / e4m3 wgmma at every M (the cut
+             gemm_plan.SM90_E4M3_MIN_M set for the quantization and the GEMM alike); the patches
+             above change the s8 path
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
@@ -39,19 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gemm  # noqa: E402
 from vllm_atom.config import AtomConfig  # noqa: E402
-from vllm_atom.kernels import _loader, cuda_ops, layout  # noqa: E402  (bench_gemm registers the ops)
+from vllm_atom.kernels import _loader, cuda_ops, gemm_plan, layout  # noqa: E402  (bench_gemm registers the ops)
 
-ISSUE = "    issue<BN>(c, a, smem_addr(smem + so));\n"
-FOLD = "    fold<BN>(acc, c, sw, fa);\n"
-EXPECT = "wgs * wbytes + rows * 128 + srows * 4"
+ISSUE = "#else\n    issue<BN, false>(c, a, smem_addr(smem + so));\n#endif\n"
+FOLD = "#else\n    fold<BN>(acc, c, sw, fa);\n#endif\n"
+EXPECT = "wgs * wbytes + rows * 128 + srows * 8"
 ACT_COPY = "        bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);\n"
-NO_MMA = ("#pragma unroll\n    for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n")
-NO_FOLD = "    if (c[0] == 0x7fffffff) acc[0] += sw[0] * fa[0].x;\n"
+NO_MMA = ("#else\n#pragma unroll\n    for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n#endif\n")
+NO_FOLD = "#else\n    if (c[0] == 0x7fffffff) acc[0] += sw[0] * fa[0].x;\n#endif\n"
 PATCHES = {
     "base": [],
     "nofold": [(FOLD, NO_FOLD)],
     "nomma": [(ISSUE, NO_MMA)],
-    "noact": [(EXPECT, "wgs * wbytes + srows * 4"), (ACT_COPY, "")],
+    "noact": [(EXPECT, "wgs * wbytes + srows * 8"), (ACT_COPY, "")],
     "stream": [(ISSUE, NO_MMA), (FOLD, NO_FOLD)],
     "pp1": [("#define PINGPONG 0\n", "#define PINGPONG (WGC == 2)\n")],
 }
@@ -65,6 +68,7 @@ for _n in (4, 16, 64):
         "        for (int w = 0; w < wgs; ++w)\n"
         "          bulk_prefetch_l2(wpack + ((size_t)tn * SL + w) * slab + (size_t)j * CHUNK4, j == G ? CHUNK8 : CHUNK4);\n"
         % _n) + WAIT)]
+CUTS = {"s8": 1 << 30, "e4m3": 0}  # variants that only move the e4m3 cut (gemm_plan.SM90_E4M3_MIN_M)
 SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096),
           ("llama-2-70b", "gate_up", 57344, 8192), ("llama-2-70b", "down", 8192, 28672)]
 
@@ -72,7 +76,7 @@ SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096
 def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:
     d = root / name.replace(":", "-")
     shutil.copytree(cuda_dir, d)
-    if name == "linear":
+    if name == "linear" or name in CUTS:
         return d
     if name.startswith("git:"):  # (needs a git checkout)
         for f in d.iterdir():
@@ -111,6 +115,7 @@ def main() -> None:
     cfg = AtomConfig()
     root = Path(tempfile.mkdtemp(prefix="sm90-variants-"))
     cuda_dir = _loader.CUDA_DIR
+    default_cut = gemm_plan.SM90_E4M3_MIN_M
     dirs = {v: variant_dir(v, root, cuda_dir) for v in variants}
     rows = []
     for model, layer, n, k in SHAPES:
@@ -124,13 +129,12 @@ def main() -> None:
         reorder = torch.randperm(k, device="cuda").to(torch.int32)
         for m in m_list:
             n_sets = max(n_w, min(8, math.ceil(bench_gemm.ROTATE_BYTES / (2 * m * k + 2 * m * n))))
-            sets = []
-            for i in range(n_sets):
-                x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-                qa, sa = torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True)
-                sets.append((x, qa, sa, packs[i % n_w]))
+            xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
             for v in variants:
                 use_kernels(dirs[v])
+                gemm_plan.SM90_E4M3_MIN_M = CUTS.get(v, default_cut)
+                sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
+                        for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:
                     def fn(x, qa, sa, wp, n=n, o=o, r=reorder):
                         return torch.ops.vllm_atom.atom_linear_sm90(x, wp, r, None, n, o, cfg.a_clip)
@@ -142,10 +146,11 @@ def main() -> None:
                                  tops=round(2 * m * n * k / us / 1e6, 1)))
             line = "  ".join(f"{r['variant']} {r['time_us']:8.2f} us {r['tops']:7.1f}" for r in rows[-len(variants):])
             print(f"{model:12s} {layer:8s} M={m:5d}  {line}", flush=True)
-            del sets
+            del sets, xs
         del packs
         torch.cuda.empty_cache()
     use_kernels(cuda_dir)
+    gemm_plan.SM90_E4M3_MIN_M = default_cut
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),

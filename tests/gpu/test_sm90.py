@@ -5,7 +5,9 @@ Same oracle and bound as test_kernels.py: activation integers and scales bit for
 (`layout.pack_activation_sm90` of `reference.quantize_activation`); the GEMM within
 (steps + 4 + splits) * 2^-24 * sum|terms| plus one rounding of the output dtype of
 `reference.w4a4_linear_exact`, over the real layer shapes, odd M, every cluster split,
-poisoned outputs, graph replay and torch.compile.
+poisoned outputs, graph replay and torch.compile. The e4m3 variant (M >= SM90_E4M3_MIN_M, or
+forced to any M here) gets 2^-24 * sum_g |8 X_g sa sw| more (its C term); its sums must be exact,
+which extreme integers test (a 1-unit error would be ~100x the bound).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from test_kernels import (CFG, DEV, SHAPES, check_gemm, check_graph_replay, make_input, make_weight, outliers, poison,
                           ref_quantize)
+from vllm_atom import reference as R
 from vllm_atom.kernels import gemm_plan, layout, ops
 
 pytestmark = [pytest.mark.gpu,
@@ -27,6 +30,25 @@ SHARD_SHAPES = {"llama2-7b-o/2": (4096, 2048), "llama2-7b-down/2": (4096, 5504),
 ALL_SHAPES = {**SHAPES, **SHARD_SHAPES}
 
 
+def e4m3_extra(a, w):
+    """[M, N] sum over groups of |8 X_g sa_g sw_g| (X_g the group's integer sum) for the e4m3 fold."""
+    x = a.q.float().unflatten(1, (-1, 128)).sum(2).abs()  # [M, G]
+    return 8 * (x * a.scale.float()) @ w.scale.float().abs().T
+
+
+def check90(y, a, w, bias, steps, splits):
+    """check_gemm with the e4m3 term where the rule picks e4m3 for this M."""
+    return check_gemm(y, a, w, bias, steps, splits, e4m3_extra(a, w) if gemm_plan.sm90_e4m3(y.shape[0]) else None)
+
+
+@pytest.fixture(params=["default", "e4m3"])
+def variant(request, monkeypatch):
+    """default: the rule as shipped; e4m3: forced for every M."""
+    if request.param == "e4m3":
+        monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", 0)
+    return request.param
+
+
 def prepacked(w):
     p = w.packed()
     return layout.prepack_sm90(p["qweight"], p["w_scale"], p["w_outlier"], p["w_outlier_scale"])
@@ -35,21 +57,22 @@ def prepacked(w):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", sorted({k for _, k in ALL_SHAPES.values()}))
 @pytest.mark.parametrize("m", [1, 7, 33, 1024])
-def test_quantize_act_sm90_exact(m, k, dtype):
+def test_quantize_act_sm90_exact(m, k, dtype, variant):
     o = outliers(k)
     x, idx = make_input(m, k, dtype)
     want_qa, want_sa = layout.pack_activation_sm90(ref_quantize(x, idx, o))
     _, _, steps = layout.sizes(k, o)
     for value in (0xFF, 0x7F):
-        poison([((steps, m, 128), torch.int8), ((steps, layout.padded_tokens(m)), torch.float32)], value)
+        poison([((steps, m, 128), torch.int8), ((steps, 2 * layout.padded_tokens(m)), torch.float32)], value)
         qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, o, CFG.a_clip, True)
         assert torch.equal(qa, want_qa), f"{(qa != want_qa).sum().item()} of {qa.numel()} bytes differ"
-        assert torch.equal(sa[:, :m], want_sa[:, :m])
+        for got, want in zip(layout.sm90_entries(sa, m), layout.sm90_entries(want_sa, m)):
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("shape", list(ALL_SHAPES))
 @pytest.mark.parametrize("m", M_LIST)
-def test_atom_linear_sm90(m, shape):
+def test_atom_linear_sm90(m, shape, variant):
     n, k = ALL_SHAPES[shape]
     o = outliers(k)
     gen = torch.Generator(device=DEV).manual_seed(1000 * m + n + k)
@@ -63,13 +86,43 @@ def test_atom_linear_sm90(m, shape):
     for value in (0xFF, 0x7F):
         poison([((m, n), x.dtype)], value)
         y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, bias, n, o, CFG.a_clip)
-        check_gemm(y, a, w, bias, steps, 8)
+        check90(y, a, w, bias, steps, 8)
+
+
+@pytest.mark.parametrize("signs", ["same", "opposite", "random"])
+@pytest.mark.parametrize("m", [1, 8, 200])
+def test_e4m3_extreme_integers_sum_exactly(m, signs, monkeypatch):
+    """Every activation integer -8 and every weight 7 (u = w + 8 = 15: the largest e4m3 group sum,
+    128 * 15 * 8 = 15,360 units of 2^-9), or weights -8 (u = 0, the products' offset alone), or
+    random signs at full magnitude, through both variants: the same result within the bound."""
+    n, k = 256, 1152
+    o = outliers(k)
+    idx = torch.arange(k, device=DEV, dtype=torch.int32)
+    gen = torch.Generator(device=DEV).manual_seed(m)
+    x = -torch.ones(m, k, device=DEV)
+    wt = torch.ones(n, k, device=DEV)
+    if signs == "opposite":
+        wt = -wt
+    elif signs == "random":
+        x = x * torch.randint(0, 2, (m, k), device=DEV, generator=gen).mul(2).sub(1)
+        wt = wt * torch.randint(0, 2, (n, k), device=DEV, generator=gen).mul(2).sub(1)
+    w = R.quantize_weight(wt * torch.rand(n, 1, device=DEV, generator=gen), idx, o, 128, CFG.w_clip)
+    x = (x * (1 + torch.rand(m, 1, device=DEV, generator=gen))).to(torch.bfloat16)
+    a = ref_quantize(x, idx, o)
+    assert a.q.abs().max() == 8 and w.q.abs().max() >= 7
+    wpack = prepacked(w)
+    steps = layout.sizes(k, o)[2]
+    for cut in (0, 1 << 30):
+        monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", cut)
+        ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+        y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+        check90(y, a, w, None, steps, 8)
 
 
 @pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
 @pytest.mark.parametrize("m,wgc,ks", [(m, *shape) for m in (1, 16, 33, 64, 200)
                                       for shape in gemm_plan.sm90_shapes(gemm_plan.sm90_width(m))])
-def test_every_cluster_split(m, wgc, ks, cs, monkeypatch):
+def test_every_cluster_split(m, wgc, ks, cs, monkeypatch, variant):
     """The config is a table entry: force each (warpgroups, split, warpgroups per slab): the DSMEM
     reduction of 1, 2, 4, 8 partials, tiles of 64 to 256 rows (N = 4096 is 64 slabs: with 3
     warpgroups the last tile holds one slab), two warpgroups per slab adding their halves."""
@@ -81,13 +134,13 @@ def test_every_cluster_split(m, wgc, ks, cs, monkeypatch):
     monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), (wgc, cs, ks))
     ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
     y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
-    check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
 
 
 @pytest.mark.parametrize("cfg", [(2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 8, 2)])
 @pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
 @pytest.mark.parametrize("m", [1, 9])
-def test_split_slabs_few_steps(m, shape, cfg, monkeypatch):
+def test_split_slabs_few_steps(m, shape, cfg, monkeypatch, variant):
     """Two warpgroups per slab when a cluster rank has one step or none for the second half
     (K = 144, 256, 576: 2 to 5 steps)."""
     n, k = SHAPES[shape]
@@ -98,18 +151,18 @@ def test_split_slabs_few_steps(m, shape, cfg, monkeypatch):
     monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
     ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
     y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
-    check_gemm(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cfg[1] * cfg[2])
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cfg[1] * cfg[2])
 
 
 @pytest.mark.parametrize("m", [1, 16, 33, 300, 2000])
-def test_w4a4_gemm_sm90_fp16_bias(m):
+def test_w4a4_gemm_sm90_fp16_bias(m, variant):
     n, k = 1000, 640
     x, idx = make_input(m, k, torch.float16)
     w = make_weight(n, k, idx)
     qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, 128, CFG.a_clip, True)
     bias = torch.randn(n, device=DEV).half()
     y = torch.ops.vllm_atom.w4a4_gemm_sm90(qa, sa, prepacked(w), bias, n, torch.float16)
-    check_gemm(y, layout.unpack_activation_sm90(qa, sa, k, 128), w, bias, 5, 8)
+    check90(y, layout.unpack_activation_sm90(qa, sa, k, 128), w, bias, 5, 8)
 
 
 def test_same_result_as_mma_kernel_up_to_rounding():
@@ -126,7 +179,7 @@ def test_same_result_as_mma_kernel_up_to_rounding():
 
 
 @pytest.mark.parametrize("m,shape", [(1, "llama2-7b-o"), (16, "llama3-8b-down"), (33, "qwen2.5-1.5b-qkv"),
-                                     (300, "smollm2-gate_up")])
+                                     (300, "smollm2-gate_up"), (1024, "llama2-7b-o")])
 def test_cuda_graph_replay_sm90(m, shape):
     n, k = SHAPES[shape]
     o = outliers(k)
@@ -146,7 +199,7 @@ def test_torch_compile_fullgraph_sm90():
         return torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, 128, CFG.a_clip) * 2
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
-    for m in (7, 19, 300):
+    for m in (7, 19, 300, 129):  # (both sides of the e4m3 cut)
         xm, _ = make_input(m, k)
         assert torch.equal(cf(xm), f(xm))
 

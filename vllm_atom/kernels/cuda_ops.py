@@ -17,7 +17,7 @@ import torch
 
 from vllm_atom.kernels import _loader, layout
 from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, Sm90Config, gemm_plan, sm90_configs,
-                                         sm90_plan, sm90_stages)
+                                         sm90_e4m3, sm90_plan, sm90_stages)
 
 ACT_THREADS = 256
 # act_quant.cu's kernels: plain, and fused with the producers of `vllm_atom.serve.fusion`
@@ -76,9 +76,10 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     dev = x.device.index
     sms = _check_device(dev)
     m = x.shape[0]
+    e4m3 = sm90 and sm90_e4m3(m)  # the GEMM reads the same rule
     if sm90:
         _check_sm90(dev)
-        ld = layout.padded_tokens(m)
+        ld = 2 * layout.padded_tokens(m)
         qa = torch.empty((steps, m, layout.GROUP), dtype=torch.int8, device=x.device)
     else:
         ld = m
@@ -90,7 +91,7 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     ctas = max(1, min(math.ceil(2 * sms / m), math.ceil(steps / (ACT_THREADS // 32))))
     per_cta = math.ceil(steps / ctas)
     smem = 2 * k * rows  # the staged 16-bit rows
-    fn = _loader.kernel("act_quant.cu", name, _act_defines(x.dtype, sm90), dev)
+    fn = _loader.kernel("act_quant.cu", name, _act_defines(x.dtype, sm90, e4m3), dev)
     x = _aligned(x)  # alive until the launch
     _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (ACT_THREADS, 1, 1),
                    (x.data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
@@ -100,8 +101,8 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     return qa, sa
 
 
-def _act_defines(dtype: torch.dtype, sm90: bool) -> tuple[tuple[str, int], ...]:
-    return _dtype_define(dtype) + ((("SM90_LAYOUT", 1),) if sm90 else ())
+def _act_defines(dtype: torch.dtype, sm90: bool, e4m3: bool = False) -> tuple[tuple[str, int], ...]:
+    return _dtype_define(dtype) + ((("SM90_LAYOUT", 1),) if sm90 else ()) + ((("E4M3", 1),) if e4m3 else ())
 
 
 def quantize_act(x, reorder_index, n_outliers, a_clip, sm90=False):
@@ -257,8 +258,8 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
                          f"{list(qa.shape)}")
     steps, m, _ = qa.shape
     mp = layout.padded_tokens(m)
-    if sa.dtype != torch.float32 or tuple(sa.shape) != (steps, mp) or not sa.is_contiguous():
-        raise ValueError(f"w4a4_gemm_sm90: sa must be contiguous fp32 [{steps}, {mp}], got {sa.dtype} "
+    if sa.dtype != torch.float32 or tuple(sa.shape) != (steps, 2 * mp) or not sa.is_contiguous():
+        raise ValueError(f"w4a4_gemm_sm90: sa must be contiguous fp32 [{steps}, {2 * mp}], got {sa.dtype} "
                          f"{list(sa.shape)}")
     g, has_o = _check_wpack(wpack, n, steps)
     dev = qa.device.index
@@ -304,7 +305,8 @@ def _compile_sm90(dev: int, n: int, steps: int, dtype: torch.dtype) -> None:
     """Compile every kernel a prepacked linear of this shape can launch (once per shape: the
     layers of a model share a few)."""
     for name in ACT_KERNELS:
-        _loader.kernel("act_quant.cu", name, _act_defines(dtype, True), dev)
+        for e4m3 in (False, True):
+            _loader.kernel("act_quant.cu", name, _act_defines(dtype, True, e4m3), dev)
     for cfg in sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev)):
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
 

@@ -6,12 +6,15 @@ Two kernels:
   `gemm_plan`.
 - ``cuda/w4a4_sm90.cu`` (wgmma, sm_90a): `Sm90Config` picked by M (tokens are the wgmma N
   side, so the tile is as wide as the batch), with a cluster split of the K steps chosen by
-  `sm90_plan`: the measured entries of `SM90_TUNED` first, else a wave model.
+  `sm90_plan`: the measured entries of `SM90_TUNED` first, else a wave model; from
+  `SM90_E4M3_MIN_M` tokens on, the INT4 groups run on e4m3 wgmma (`sm90_e4m3`), which the
+  activation quantization must know too (it writes e4m3 bytes then).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 # ---- mma.sync kernel (cuda/w4a4_gemm.cu) ----
@@ -53,13 +56,15 @@ SM90_CHUNK8 = 8320      # bytes of the largest step chunk of one 64-row slab (la
 class Sm90Config(NamedTuple):
     """bn: tokens per CTA (the wgmma N); wgc: consumer warpgroups; stages: shared-memory pipeline
     depth; cs: CTAs per cluster splitting the K steps; ks: consumer warpgroups per 64-row slab
-    (2: they take alternate steps, a K split inside the CTA). A tile is wgc / ks slabs."""
+    (2: they take alternate steps, a K split inside the CTA). A tile is wgc / ks slabs.
+    e4m3: the INT4 groups on e4m3 wgmma (activations quantized with e4m3 bytes, `sm90_e4m3`)."""
 
     bn: int
     wgc: int
     stages: int
     cs: int
     ks: int = 1
+    e4m3: int = 0
 
     @property
     def slabs(self) -> int:
@@ -74,11 +79,12 @@ class Sm90Config(NamedTuple):
         return 128 * self.wgc + 128
 
     def defines(self) -> tuple[tuple[str, int], ...]:
-        return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs), ("KS", self.ks))
+        return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs), ("KS", self.ks),
+                ("E4M3", self.e4m3))
 
     @property
     def stage_bytes(self) -> int:
-        raw = self.bn * 128 + self.slabs * SM90_CHUNK8 + self.bn * 4
+        raw = self.bn * 128 + self.slabs * SM90_CHUNK8 + self.bn * 8  # activations, weights, scales
         return (raw + 1023) // 1024 * 1024
 
     @property
@@ -88,6 +94,16 @@ class Sm90Config(NamedTuple):
 
 
 SM90_WIDTHS = (8, 16, 32, 64, 128)
+# From this many tokens on, the sm90 GEMM computes the INT4 groups with e4m3 wgmma on the same
+# integers (exact, cuda/NOTES.md): the fold is then 2 FFMA per accumulator instead of 3
+# instructions. Both `cuda_ops._quantize` (which then writes e4m3 activation bytes) and the GEMM
+# read this rule. VLLM_ATOM_E4M3_MIN_M overrides it (0: always; a huge number: never).
+SM90_E4M3_MIN_M = int(os.environ.get("VLLM_ATOM_E4M3_MIN_M", "129"))
+
+
+def sm90_e4m3(m: int) -> bool:
+    """Whether M tokens run the e4m3 variant (activation layout and GEMM)."""
+    return m >= SM90_E4M3_MIN_M
 SM90_SPLITS = (1, 2, 4, 8)
 # Consumer warpgroups a width can have: the accumulators of a warpgroup grow with the width and
 # more warpgroups leave fewer registers each (cuda/w4a4_sm90.cu, CONSUMER_REGS); past these ptxas spills.
@@ -187,16 +203,15 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
         cfg = min(ok, key=lambda c: (sm90_cost(m, n, steps, c, slots[c.cs]), c.cs, -c.wgc))
     while cfg.cs > 1 and steps < 2 * cfg.cs:
         cfg = cfg._replace(cs=cfg.cs // 2)
+    cfg = cfg._replace(e4m3=int(sm90_e4m3(m)))
     return cfg, math.ceil(steps / cfg.cs)
 
 
 def sm90_configs(n: int, k: int, steps: int, sms: int, slots: dict[int, int] | None = None,
                  max_m: int = 1 << 16) -> set[Sm90Config]:
     """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front)."""
-    out = set()
-    for bn in SM90_WIDTHS[:-1]:
-        out.add(sm90_plan(bn, n, k, steps, sms, slots)[0])
     bn = SM90_WIDTHS[-1]
-    for tiles_m in range(1, math.ceil(max_m / bn) + 1):
-        out.add(sm90_plan(tiles_m * bn, n, k, steps, sms, slots)[0])
-    return out
+    ms = set(range(1, bn + 1)) | {SM90_E4M3_MIN_M}  # (the e4m3 rule may cut inside a tile count)
+    for tiles_m in range(2, math.ceil(max_m / bn) + 1):
+        ms |= {(tiles_m - 1) * bn + 1, tiles_m * bn}
+    return {sm90_plan(m, n, k, steps, sms, slots)[0] for m in ms if 0 < m <= max(max_m, bn)}

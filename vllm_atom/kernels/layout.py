@@ -10,7 +10,12 @@ mma.sync GEMM (`cuda/w4a4_gemm.cu`, every arch). Weights as on disk (`vllm_atom.
 wgmma GEMM (`cuda/w4a4_sm90.cu`, sm_90a). A step is one INT4 group or the outlier block.
 ``qa`` int8 [steps, M, 128]: the bytes of step s of token m (as above; the outliers
 zero-padded to 128) at [s, m], with 16-byte chunk c stored at chunk c ^ (m % 8).
-``sa`` fp32 [steps, Mp], Mp = M rounded up to 8 (columns >= M unspecified).
+``sa`` fp32 [steps, 2*Mp], Mp = M rounded up to 8: per token pair (2p, 2p+1) four floats at
+[s, 4p:4p+4] = (scale of 2p, scale of 2p+1, C of 2p, C of 2p+1) with C = fp32(X * scale) * 2^-6,
+X the sum of the token's integers in group s (0 for the outlier step); entries of tokens >= M
+unspecified. With e4m3 (`gemm_plan.sm90_e4m3(M)`, decided by M alone) the INT4 group bytes hold
+the e4m3 encodings of the integers instead of the int8 ones (the outlier step stays int8); the
+GEMM then folds (X + the e4m3 products' offset) with C, see cuda/w4a4_sm90.cu.
 ``wpack`` uint8 [Np/64, slab] (`prepack_sm90`, Np = N rounded up to 128, zero rows past N):
 for each 64-row slab, G chunks of CHUNK4 bytes then, if O > 0, one of CHUNK8 bytes.
 INT4 chunk of group g: byte w*1024 + h*512 + l*16 + 4*kc + b holds byte b of 32-bit word
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_atom.kernels.gemm_plan import sm90_e4m3
 from vllm_atom.reference import QuantizedActivation
 
 GROUP = 128
@@ -86,12 +92,40 @@ def _swizzle(m: int, device=None) -> torch.Tensor:
     return ((p // 16) ^ r) * 16 + p % 16
 
 
+def e4m3_bytes(q: torch.Tensor) -> torch.Tensor:
+    """int8 integers in [-8, 7] -> the int8 view of their (exact) e4m3 encodings."""
+    return q.float().to(torch.float8_e4m3fn).view(torch.int8)
+
+
+def e4m3_values(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of `e4m3_bytes`."""
+    return b.view(torch.float8_e4m3fn).float().round().to(torch.int8)
+
+
+def _interleave(scale: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """scale, c fp32 [steps, M] -> sa fp32 [steps, 2*Mp]: (scale 2p, scale 2p+1, c 2p, c 2p+1) per pair."""
+    steps, m = scale.shape
+    mp = padded_tokens(m)
+    both = torch.zeros((steps, 2, mp), dtype=torch.float32, device=scale.device)
+    both[:, 0, :m], both[:, 1, :m] = scale, c
+    return both.view(steps, 2, mp // 2, 2).transpose(1, 2).reshape(steps, 2 * mp).contiguous()
+
+
+def sm90_entries(sa: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, C) fp32 [steps, M] of an sm90-layout ``sa`` [steps, 2*Mp]."""
+    pairs = sa.view(sa.shape[0], -1, 2, 2)
+    return pairs[:, :, 0].flatten(1)[:, :m], pairs[:, :, 1].flatten(1)[:, :m]
+
+
 def pack_activation_sm90(a: QuantizedActivation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference quantized activation -> (qa int8 [steps, M, 128], sa fp32 [steps, Mp])."""
+    """Reference quantized activation -> (qa int8 [steps, M, 128], sa fp32 [steps, 2*Mp])."""
     m, kn = a.q.shape
     o = a.q_outlier.shape[1]
     g = kn // GROUP
-    rows = a.q.unflatten(1, (g, GROUP))[:, :, slot_of_byte(a.q.device)]  # [M, G, 128]
+    groups = a.q.unflatten(1, (g, GROUP))  # [M, G, 128] in slot order
+    rows = groups[:, :, slot_of_byte(a.q.device)]
+    if sm90_e4m3(m):
+        rows = e4m3_bytes(rows)
     if o:
         outl = torch.zeros((m, 1, GROUP), dtype=torch.int8, device=a.q.device)
         outl[:, 0, :o] = a.q_outlier
@@ -99,23 +133,26 @@ def pack_activation_sm90(a: QuantizedActivation) -> tuple[torch.Tensor, torch.Te
     steps = rows.shape[1]
     qa = torch.empty((steps, m, GROUP), dtype=torch.int8, device=a.q.device)
     qa.scatter_(2, _swizzle(m, a.q.device).expand(steps, m, GROUP), rows.transpose(0, 1).contiguous())
-    sa = torch.zeros((steps, padded_tokens(m)), dtype=torch.float32, device=a.q.device)
-    sa[:g, :m] = a.scale.T
+    scale = torch.zeros((steps, m), dtype=torch.float32, device=a.q.device)
+    c = torch.zeros_like(scale)
+    scale[:g] = a.scale.T.float()
+    c[:g] = (groups.sum(2, dtype=torch.int32).T.float() * scale[:g]) * 2.0 ** -6
     if o:
-        sa[g, :m] = a.outlier_scale
-    return qa, sa
+        scale[g] = a.outlier_scale
+    return qa, _interleave(scale, c)
 
 
 def unpack_activation_sm90(qa: torch.Tensor, sa: torch.Tensor, k: int, n_outliers: int) -> QuantizedActivation:
-    """Inverse of `pack_activation_sm90`."""
+    """Inverse of `pack_activation_sm90` (the C entries are dropped)."""
     kn, _, steps = sizes(k, n_outliers)
     m = qa.shape[1]
     g = kn // GROUP
     rows = qa.gather(2, _swizzle(m, qa.device).expand(steps, m, GROUP)).transpose(0, 1)  # [M, steps, 128]
     q = torch.empty((m, g, GROUP), dtype=torch.int8, device=qa.device)
-    q[:, :, slot_of_byte(qa.device)] = rows[:, :g]
-    oscale = sa[g, :m] if n_outliers else torch.zeros(m, dtype=torch.float32, device=qa.device)
-    return QuantizedActivation(q.flatten(1), sa[:g, :m].T, rows[:, g, :n_outliers] if n_outliers
+    q[:, :, slot_of_byte(qa.device)] = e4m3_values(rows[:, :g]) if sm90_e4m3(m) else rows[:, :g]
+    scale = sm90_entries(sa, m)[0]
+    oscale = scale[g] if n_outliers else torch.zeros(m, dtype=torch.float32, device=qa.device)
+    return QuantizedActivation(q.flatten(1), scale[:g].T, rows[:, g, :n_outliers] if n_outliers
                                else qa.new_zeros((m, 0)), oscale)
 
 

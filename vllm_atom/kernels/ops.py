@@ -73,7 +73,7 @@ def _quantized_fake(x: torch.Tensor, k: int, n_outliers: int, sm90: bool):
     m = x.shape[0]
     if sm90:
         return (x.new_empty((steps, m, layout.GROUP), dtype=torch.int8),
-                x.new_empty((steps, layout.padded_tokens(m)), dtype=torch.float32))
+                x.new_empty((steps, 2 * layout.padded_tokens(m)), dtype=torch.float32))
     return x.new_empty((m, ka), dtype=torch.int8), x.new_empty((steps, m), dtype=torch.float32)
 
 
@@ -109,7 +109,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def quantize_act(x: torch.Tensor, reorder_index: torch.Tensor, n_outliers: int,
                  a_clip: float, sm90: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (qa, sa) in the mma.sync layout (int8 [M, KA], fp32 [steps, M]) or, with
-    ``sm90``, the wgmma layout (int8 [steps, M, 128], fp32 [steps, Mp]); see `layout`."""
+    ``sm90``, the wgmma layout (int8 [steps, M, 128], fp32 [steps, 2*Mp]; e4m3 bytes from
+    `gemm_plan.SM90_E4M3_MIN_M` tokens on); see `layout`."""
     return _quantized(x, reorder_index, n_outliers, a_clip, sm90)
 
 
@@ -189,7 +190,7 @@ def _outliers_of(wpack: torch.Tensor, steps: int) -> int:
 @torch.library.custom_op("vllm_atom::w4a4_gemm_sm90", mutates_args=(), device_types="cpu")
 def w4a4_gemm_sm90(qa: torch.Tensor, sa: torch.Tensor, wpack: torch.Tensor, bias: torch.Tensor | None,
                    n: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """[M, N] = the Atom GEMM of sm90-layout activations (qa [steps, M, 128], sa [steps, Mp])
+    """[M, N] = the Atom GEMM of sm90-layout activations (qa [steps, M, 128], sa [steps, 2*Mp])
     and prepacked weights wpack [Np/64, slab]."""
     steps = qa.shape[0]
     o = _outliers_of(wpack, steps)
