@@ -11,7 +11,8 @@ The results are wrong by construction for every variant but "base": they only bo
     pp1      PINGPONG on: two consumer warpgroups take turns issuing their MMAs
     s8, e4m3 the shipped kernel with the INT4 groups on s8 / e4m3 wgmma at every M (the cut
              gemm_plan.SM90_E4M3_MIN_M set for the quantization and the GEMM alike); the patches
-             above change the s8 path
+             above change the s8 path; NAME@e4m3 (nofold@e4m3, nomma@e4m3, stream@e4m3): their
+             counterparts on the e4m3 path (with the cut at 0)
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
@@ -69,6 +70,13 @@ for _n in (4, 16, 64):
         "          bulk_prefetch_l2(wpack + ((size_t)tn * SL + w) * slab + (size_t)j * CHUNK4, j == G ? CHUNK8 : CHUNK4);\n"
         % _n) + WAIT)]
 CUTS = {"s8": 1 << 30, "e4m3": 0}  # variants that only move the e4m3 cut (gemm_plan.SM90_E4M3_MIN_M)
+ISSUE8 = "    else\n      issue<BN, true>(c, a, smem_addr(smem + so));\n"
+FOLD8 = "    else\n      fold_e4m3<BN>(acc, c, sw, fa);\n"
+NO_MMA8 = ("    else {\n#pragma unroll\n      for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n    }\n")
+NO_FOLD8 = "    else if (c[0] == 0x7fffffff) acc[0] += sw[0] * fa[0].x;\n"
+PATCHES["nofold@e4m3"] = [(FOLD8, NO_FOLD8)]
+PATCHES["nomma@e4m3"] = [(ISSUE8, NO_MMA8)]
+PATCHES["stream@e4m3"] = [(ISSUE8, NO_MMA8), (FOLD8, NO_FOLD8)]
 SHAPES = [("llama-2-7b", "o", 4096, 4096), ("llama-2-7b", "gate_up", 22016, 4096),
           ("llama-2-70b", "gate_up", 57344, 8192), ("llama-2-70b", "down", 8192, 28672)]
 
@@ -132,7 +140,7 @@ def main() -> None:
             xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
             for v in variants:
                 use_kernels(dirs[v])
-                gemm_plan.SM90_E4M3_MIN_M = CUTS.get(v, default_cut)
+                gemm_plan.SM90_E4M3_MIN_M = 0 if v.endswith("@e4m3") else CUTS.get(v, default_cut)
                 sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
                         for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:
