@@ -73,7 +73,7 @@ def emulate_step(wpack: torch.Tensor, qa: torch.Tensor, slab: int, step: int, ou
 @pytest.mark.parametrize("e4m3", [False, True])
 @pytest.mark.parametrize("n,k,o,m", [(130, 576, 64, 3), (64, 256, 0, 9), (70, 272, 16, 1)])
 def test_emulated_wgmma_step_is_the_reference_dot_product(n, k, o, m, e4m3, monkeypatch):
-    monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", 0 if e4m3 else 1 << 30)
+    monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", 0 if e4m3 else gemm_plan.SM90_E4M3_OFF)
     gen = torch.Generator().manual_seed(n + k + m)
     x = torch.randn(m, k, generator=gen)
     idx = torch.randperm(k, generator=gen).to(torch.int32)
@@ -123,7 +123,7 @@ def test_prepack_round_trip(n, k, o):
 @pytest.mark.parametrize("e4m3", [False, True])
 @pytest.mark.parametrize("m,k,o", [(1, 576, 64), (13, 256, 0), (33, 1152, 128)])
 def test_activation_sm90_round_trip(m, k, o, e4m3, monkeypatch):
-    monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", 0 if e4m3 else 1 << 30)
+    monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", 0 if e4m3 else gemm_plan.SM90_E4M3_OFF)
     gen = torch.Generator().manual_seed(m + k)
     idx = torch.randperm(k, generator=gen).to(torch.int32)
     a = R.quantize_activation(torch.randn(m, k, generator=gen), idx, o, 128, 0.9)

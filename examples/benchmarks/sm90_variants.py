@@ -69,7 +69,7 @@ for _n in (4, 16, 64):
         "        for (int w = 0; w < wgs; ++w)\n"
         "          bulk_prefetch_l2(wpack + ((size_t)tn * SL + w) * slab + (size_t)j * CHUNK4, j == G ? CHUNK8 : CHUNK4);\n"
         % _n) + WAIT)]
-CUTS = {"s8": 1 << 30, "e4m3": 0}  # variants that only move the e4m3 cut (gemm_plan.SM90_E4M3_MIN_M)
+CUTS = {"s8": gemm_plan.SM90_E4M3_OFF, "e4m3": 0}  # variants that only move the e4m3 cut (gemm_plan.SM90_E4M3_MIN_M)
 ISSUE8 = "    else\n      issue<BN, true>(c, a, smem_addr(smem + so));\n"
 FOLD8 = "    else\n      fold_e4m3<BN>(acc, c, sw, fa);\n"
 NO_MMA8 = ("    else {\n#pragma unroll\n      for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n    }\n")

@@ -112,7 +112,7 @@ def test_e4m3_extreme_integers_sum_exactly(m, signs, monkeypatch):
     assert a.q.abs().max() == 8 and w.q.abs().max() >= 7
     wpack = prepacked(w)
     steps = layout.sizes(k, o)[2]
-    for cut in (0, 1 << 30):
+    for cut in (0, gemm_plan.SM90_E4M3_OFF):
         monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", cut)
         ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
         y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
@@ -180,7 +180,7 @@ def test_same_result_as_mma_kernel_up_to_rounding():
 
 @pytest.mark.parametrize("m,shape", [(1, "llama2-7b-o"), (16, "llama3-8b-down"), (33, "qwen2.5-1.5b-qkv"),
                                      (300, "smollm2-gate_up"), (1024, "llama2-7b-o")])
-def test_cuda_graph_replay_sm90(m, shape):
+def test_cuda_graph_replay_sm90(m, shape, variant):
     n, k = SHAPES[shape]
     o = outliers(k)
     x, idx = make_input(m, k)
@@ -190,7 +190,10 @@ def test_cuda_graph_replay_sm90(m, shape):
     check_graph_replay(lambda x: torch.ops.vllm_atom.atom_linear_sm90(x, *args), x, lambda: make_input(m, k)[0])
 
 
-def test_torch_compile_fullgraph_sm90():
+@pytest.mark.parametrize("cut", [gemm_plan.SM90_E4M3_OFF, 129])
+def test_torch_compile_fullgraph_sm90(cut, monkeypatch):
+    """Dynamic M through one compiled graph, with the e4m3 cut off and inside the M range."""
+    monkeypatch.setattr(gemm_plan, "SM90_E4M3_MIN_M", cut)
     n, k = 2048, 1536
     x, idx = make_input(7, k)
     wpack = prepacked(make_weight(n, k, idx))

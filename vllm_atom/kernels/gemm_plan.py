@@ -7,8 +7,8 @@ Two kernels:
 - ``cuda/w4a4_sm90.cu`` (wgmma, sm_90a): `Sm90Config` picked by M (tokens are the wgmma N
   side, so the tile is as wide as the batch), with a cluster split of the K steps chosen by
   `sm90_plan`: the measured entries of `SM90_TUNED` first, else a wave model; from
-  `SM90_E4M3_MIN_M` tokens on, the INT4 groups run on e4m3 wgmma (`sm90_e4m3`), which the
-  activation quantization must know too (it writes e4m3 bytes then).
+  `SM90_E4M3_MIN_M` tokens on (off by default), the INT4 groups run on e4m3 wgmma (`sm90_e4m3`),
+  which the activation quantization must know too (it writes e4m3 bytes then).
 """
 
 from __future__ import annotations
@@ -95,10 +95,12 @@ class Sm90Config(NamedTuple):
 
 SM90_WIDTHS = (8, 16, 32, 64, 128)
 # From this many tokens on, the sm90 GEMM computes the INT4 groups with e4m3 wgmma on the same
-# integers (exact, cuda/NOTES.md): the fold is then 2 FFMA per accumulator instead of 3
+# integers (exact, cuda/NOTES.md v3.7): the fold is then 2 FFMA per accumulator instead of 3
 # instructions. Both `cuda_ops._quantize` (which then writes e4m3 activation bytes) and the GEMM
-# read this rule. VLLM_ATOM_E4M3_MIN_M overrides it (0: always; a huge number: never).
-SM90_E4M3_MIN_M = int(os.environ.get("VLLM_ATOM_E4M3_MIN_M", "129"))
+# read this rule. Off by default: measured 8-11 % slower than s8 at every M >= 128 on an H200.
+# VLLM_ATOM_E4M3_MIN_M sets it (0: always).
+SM90_E4M3_OFF = 1 << 62
+SM90_E4M3_MIN_M = int(os.environ.get("VLLM_ATOM_E4M3_MIN_M", str(SM90_E4M3_OFF)))
 
 
 def sm90_e4m3(m: int) -> bool:
