@@ -73,3 +73,14 @@ def test_two_warpgroups_per_slab(monkeypatch):
 def test_mma_plan_unchanged():
     cfg, splits, per = gp.gemm_plan(1, 4096, 32, 132)
     assert cfg == "small" and splits * per >= 32 and math.ceil(32 / per) == splits
+
+
+@pytest.mark.parametrize("n,k", sorted({(n, k) for _, n, k in gp.SM90_TUNED}))
+def test_batch_invariant_mode_keeps_one_k_split(n, k, monkeypatch):
+    """VLLM_ATOM_BATCH_INVARIANT: the sum order (cluster split, warpgroups per slab) is the same at
+    every M, and each config is one the kernel compiles."""
+    monkeypatch.setattr(gp, "BATCH_INVARIANT", True)
+    steps = k // 128 + 1
+    cfgs = [gp.sm90_plan(m, n, k, steps, 132)[0] for m in (1, 7, 16, 33, 64, 100, 128, 300, 1024, 8192)]
+    assert {(c.cs, c.ks) for c in cfgs} == {(cfgs[0].cs, 1)}
+    assert all((c.wgc, c.ks) in gp.sm90_shapes(c.bn) and c.smem_bytes <= gp.SM90_SMEM for c in cfgs)

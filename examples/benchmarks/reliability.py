@@ -128,11 +128,13 @@ def write_mutated(src: Path, dst: Path, mutation: str) -> str:
 # ---- a vLLM server in its own process group ----
 
 class Server:
-    def __init__(self, model: Path, args: list[str], log: Path, port: int):
+    def __init__(self, model: Path, args: list[str], log: Path, port: int, env: dict | None = None):
         self.url, self.model, self.args = f"http://127.0.0.1:{port}", str(model), list(args)
+        self.env = dict(env or {})
         self.log = open(log, "w")
         self.proc = subprocess.Popen(["vllm", "serve", self.model, "--port", str(port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **self.env})
 
     def wait_ready(self, timeout: float) -> bool:
         end = time.time() + timeout
@@ -337,12 +339,12 @@ def greedy_run(server: Server, n: int = 32, max_tokens: int = 160) -> list[str |
     return texts
 
 
-def _preempt_pair(model: Path, serve: list[str], tag: str, args, out: Path) -> dict:
+def _preempt_pair(model: Path, serve: list[str], tag: str, args, out: Path, env: dict | None = None) -> dict:
     """Greedy completions of ``model`` with room, then with 64 KV blocks (preemption forced)."""
     runs = {}
     for name, extra in (("room", []), ("preempted", ["--num-gpu-blocks-override", "64"])):
         server = Server(model, [*serve, "--max-model-len", "512", "--gpu-memory-utilization", "0.3", *extra],
-                        out / f"preempt-{tag}-{name}-server.log", args.port)
+                        out / f"preempt-{tag}-{name}-server.log", args.port, env)
         try:
             if not server.wait_ready(args.ready_timeout):
                 return {"ok": False, "error": f"{tag} {name}: server did not become ready"}
@@ -358,16 +360,19 @@ def _preempt_pair(model: Path, serve: list[str], tag: str, args, out: Path) -> d
     # early or total one at the recompute path
     first_diff = [None if x == y else next((i for i, (c, d) in enumerate(zip(x or "", y or "")) if c != d),
                                            min(len(x or ""), len(y or ""))) for x, y in zip(a, b)]
-    return {"requests": len(a), "answered": sum(int(x is not None) for x in a + b), "identical": same,
+    return {"env": env or {}, "requests": len(a), "answered": sum(int(x is not None) for x in a + b), "identical": same,
             "preemptions": pre, "first_difference": first_diff,
             "preemptions_with_room": runs["room"]["preemptions"], "ok": same == len(a) and bool(pre)}
 
 
 def part_preempt(args, out: Path) -> dict:
     """Atom + INT4 KV, and as the baseline the same tiny model unquantized (16-bit weights and KV
-    cache) under the same two schedules: whether a difference is Atom's or vLLM's batching."""
+    cache) under the same two schedules: whether a difference is Atom's or vLLM's batching. The
+    result is Atom's batch-invariant mode (VLLM_ATOM_BATCH_INVARIANT=1: fixed GEMM and attention
+    splits); `default_mode` the same pair as shipped by default (splits chosen by batch size)."""
     ckpt = tiny_checkpoint(args, out)
-    res = _preempt_pair(ckpt, KV4, "atom", args, out)
+    res = _preempt_pair(ckpt, KV4, "atom-invariant", args, out, {"VLLM_ATOM_BATCH_INVARIANT": "1"})
+    res["default_mode"] = _preempt_pair(ckpt, KV4, "atom", args, out)
     res["baseline_16bit"] = _preempt_pair(out / "tiny-fp16", [], "fp16", args, out)
     return res
 

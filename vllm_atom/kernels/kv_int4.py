@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -56,6 +57,11 @@ def _same_device(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
     for name, x in tensors.items():
         if x.device != kv_cache.device:
             raise ValueError(f"{name} is on {x.device} but the KV cache is on {kv_cache.device}")
+
+
+# VLLM_ATOM_BATCH_INVARIANT=1 (see gemm_plan.BATCH_INVARIANT): decode rows are not split, so a
+# token's attention is the same sums whether it is decoded or recomputed in a prefill, in any batch.
+BATCH_INVARIANT = os.environ.get("VLLM_ATOM_BATCH_INVARIANT", "0") == "1"
 
 
 def decode_splits(num_reqs: int, num_kv_heads: int, cta_slots: int, m_tiles: int = 1) -> int:
@@ -186,7 +192,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     m_tiles = math.ceil(max(1, max_query_len) * g / 16)
     if num_splits is None:
         num_splits = decode_splits(b, h, cta_slots(d, query.dtype, query.device.index, rotate_k), m_tiles) \
-            if max_query_len <= 1 else 1
+            if max_query_len <= 1 and not BATCH_INVARIANT else 1
     dev = query.device
     if num_splits > 1:
         part_o = torch.empty((t, hq, num_splits, d), dtype=torch.float32, device=dev)
