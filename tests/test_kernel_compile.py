@@ -70,3 +70,22 @@ def test_compile_error_is_reported(tmp_path, monkeypatch):
 def test_kv_int4_compiles(arch, head_dim, bf16, rotate_k):
     dtype = torch.bfloat16 if bf16 else torch.float16
     assert _loader.compile_cubin("kv_int4.cu", kv_int4._defines(head_dim, dtype, rotate_k), arch)
+
+
+def test_wgmma_rate_probe_compiles(tmp_path, monkeypatch):
+    """examples/benchmarks/wgmma_rate.py's generated kernels (s8 / e4m3, RS / SS) compile for sm_90a."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    sys.modules.pop("wgmma_rate", None)
+    wr = pytest.importorskip("wgmma_rate")
+    for h in ("sm90.cuh", "common.cuh"):
+        shutil.copy(_loader.CUDA_DIR / h, tmp_path / h)
+    monkeypatch.setattr(_loader, "CUDA_DIR", tmp_path)
+    for kind in ("s8", "e4m3"):
+        for form in ("rs", "ss"):
+            (tmp_path / f"rate_{kind}_{form}.cu").write_text(wr.source(kind, form))
+            assert _loader.compile_cubin.__wrapped__(f"rate_{kind}_{form}.cu", (("WGS", 2), ("INFLIGHT", 2)), "sm_90a")
