@@ -7,7 +7,8 @@ part into ``results/reliability-<gpu>.json``, so several device calls can fill o
                    CUDA graphs on), driven by `vllm bench serve`: 1,000 requests at concurrency 64,
                    random lengths (input 1024 +- 90 %, output 112 +- 90 %: the longest reach
                    max-model-len 2176); failed requests, latency percentiles, GPU memory after a
-                   warm-up request and after the run, and a request answered afterwards.
+                   warm-up burst (128 requests at the same concurrency) and after the run, and a
+                   request answered afterwards.
   soak-prefix      the same with prefix caching on, a 512-token prefix shared by every prompt and
                    chunked prefill in 512-token steps.
   bad-requests     the OpenAI completions API with bad input: a prompt longer than max-model-len,
@@ -216,16 +217,23 @@ def part_soak(args, out: Path, prefix: bool) -> dict:
             return {**res, "ok": False, "error": "server did not become ready",
                     "log_tail": e2e.last_error_line((out / f"{tag}-server.log").read_text())}
         res["warmup_ok"] = good_request(server)
+
+        def bench(n: int, name: str) -> list[str]:
+            cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", server.url, "--model", server.model,
+                   "--dataset-name", "random", "--num-prompts", str(n), "--max-concurrency", "64",
+                   "--random-input-len", "512" if prefix else "1024", "--random-output-len", "112",
+                   "--random-range-ratio", "0.9", "--ignore-eos", "--seed", "0", "--save-result",
+                   "--result-dir", str(out), "--result-filename", f"{name}.json",
+                   "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,90,99"]
+            return cmd + (["--random-prefix-len", "512"] if prefix else [])
+
+        # a first burst at full concurrency, so that 'before' includes the allocator's one-time growth
+        # at the largest batches (what 'flat' is about is growth over the run)
+        res["warmup_burst_rc"] = e2e.run_command(bench(128, f"{tag}-warmup"), out / f"{tag}-warmup.log",
+                                                 args.bench_timeout)[0]
         res["gpu_mib_before"] = gpu_memory_mib()
-        bench = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", server.url, "--model", server.model,
-                 "--dataset-name", "random", "--num-prompts", str(args.num_prompts), "--max-concurrency", "64",
-                 "--random-input-len", "512" if prefix else "1024", "--random-output-len", "112",
-                 "--random-range-ratio", "0.9", "--ignore-eos", "--seed", "0", "--save-result",
-                 "--result-dir", str(out), "--result-filename", f"{tag}-bench.json",
-                 "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,90,99"]
-        if prefix:
-            bench += ["--random-prefix-len", "512"]
-        rc, secs = e2e.run_command(bench, out / f"{tag}-bench.log", args.bench_timeout)
+        rc, secs = e2e.run_command(bench(args.num_prompts, f"{tag}-bench"), out / f"{tag}-bench.log",
+                                   args.bench_timeout)
         res.update(bench_rc=rc, bench_s=secs)
         path = out / f"{tag}-bench.json"
         if path.exists():
