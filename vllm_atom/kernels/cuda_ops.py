@@ -304,10 +304,11 @@ def prepare_sm90(wpack: torch.Tensor, n: int, reorder_index: torch.Tensor, dtype
 def _compile_sm90(dev: int, n: int, steps: int, dtype: torch.dtype) -> None:
     """Compile every kernel a prepacked linear of this shape can launch (once per shape: the
     layers of a model share a few)."""
+    cfgs = sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev))
     for name in ACT_KERNELS:
-        for e4m3 in (False, True):
+        for e4m3 in sorted({bool(c.e4m3) for c in cfgs}):  # (e4m3 only where the cut is in range)
             _loader.kernel("act_quant.cu", name, _act_defines(dtype, True, e4m3), dev)
-    for cfg in sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev)):
+    for cfg in cfgs:
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
 
 
