@@ -100,18 +100,13 @@ SM90_WIDTHS = (8, 16, 32, 64, 128)
 # read this rule. Off by default: measured 8-11 % slower than s8 at every M >= 128 on an H200.
 # VLLM_ATOM_E4M3_MIN_M sets it (0: always).
 SM90_E4M3_OFF = 1 << 62
+SM90_E4M3_MIN_M = int(os.environ.get("VLLM_ATOM_E4M3_MIN_M", str(SM90_E4M3_OFF)))
 # VLLM_ATOM_BATCH_INVARIANT=1: every token's output is the same bits whatever the batch it runs in
 # (M): the sm90 GEMM keeps one K split per layer (the cluster split of its M = 1 pick, no intra-CTA
 # split) at every M, and the INT4-KV attention does not split decode rows (`kv_int4`). Costs speed
 # where the splits helped (decode of the N = 4096 layers, long-context decode attention); what
 # preemption / recompute or a changing batch needs for identical greedy outputs.
 BATCH_INVARIANT = os.environ.get("VLLM_ATOM_BATCH_INVARIANT", "0") == "1"
-SM90_E4M3_MIN_M = int(os.environ.get("VLLM_ATOM_E4M3_MIN_M", str(SM90_E4M3_OFF)))
-
-
-def sm90_e4m3(m: int) -> bool:
-    """Whether M tokens run the e4m3 variant (activation layout and GEMM)."""
-    return m >= SM90_E4M3_MIN_M
 SM90_SPLITS = (1, 2, 4, 8)
 # Consumer warpgroups a width can have: the accumulators of a warpgroup grow with the width and
 # more warpgroups leave fewer registers each (cuda/w4a4_sm90.cu, CONSUMER_REGS); past these ptxas spills.
@@ -128,6 +123,11 @@ def sm90_shapes(bn: int) -> tuple[tuple[int, int], ...]:
     """(wgc, ks) pairs the kernel compiles for width ``bn``: every warpgroup count of `sm90_wgcs`
     with one warpgroup per slab, and the even ones up to width 64 also with two per slab."""
     return tuple((wgc, ks) for wgc in sm90_wgcs(bn) for ks in (1, 2) if ks == 1 or (wgc % 2 == 0 and bn <= 64))
+
+
+def sm90_e4m3(m: int) -> bool:
+    """Whether M tokens run the e4m3 variant (activation layout and GEMM)."""
+    return m >= SM90_E4M3_MIN_M
 
 
 def sm90_width(m: int) -> int:
@@ -211,12 +211,10 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
         cfg = min(ok, key=lambda c: (sm90_cost(m, n, steps, c, slots[c.cs]), c.cs, -c.wgc))
     while cfg.cs > 1 and steps < 2 * cfg.cs:
         cfg = cfg._replace(cs=cfg.cs // 2)
-    if BATCH_INVARIANT and m > 1:
+    if BATCH_INVARIANT:
         # the sum order depends only on (cs, ks): the M = 1 pick's cluster split, one warpgroup per slab
-        cs = sm90_plan(1, n, k, steps, sms, slots)[0].cs
+        cs = cfg.cs if m == 1 else sm90_plan(1, n, k, steps, sms, slots)[0].cs
         cfg = cfg._replace(cs=cs, ks=1, stages=sm90_stages(cfg.bn, cfg.wgc, 1))
-    elif BATCH_INVARIANT:
-        cfg = cfg._replace(ks=1, stages=sm90_stages(cfg.bn, cfg.wgc, 1))
     cfg = cfg._replace(e4m3=int(sm90_e4m3(m)))
     return cfg, math.ceil(steps / cfg.cs)
 

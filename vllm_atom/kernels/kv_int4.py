@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import torch
 
 from vllm_atom import reference
+from vllm_atom.kernels.gemm_plan import BATCH_INVARIANT  # decode rows are not split then
 
 HEAD_DIMS = (64, 128)
 # Passed to cuda/kv_int4.cu as -D defines (`_defines`); the kernels take them from here only.
@@ -57,11 +57,6 @@ def _same_device(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
     for name, x in tensors.items():
         if x.device != kv_cache.device:
             raise ValueError(f"{name} is on {x.device} but the KV cache is on {kv_cache.device}")
-
-
-# VLLM_ATOM_BATCH_INVARIANT=1 (see gemm_plan.BATCH_INVARIANT): decode rows are not split, so a
-# token's attention is the same sums whether it is decoded or recomputed in a prefill, in any batch.
-BATCH_INVARIANT = os.environ.get("VLLM_ATOM_BATCH_INVARIANT", "0") == "1"
 
 
 def decode_splits(num_reqs: int, num_kv_heads: int, cta_slots: int, m_tiles: int = 1) -> int:
