@@ -23,7 +23,8 @@ part into ``results/reliability-<gpu>.json``, so several device calls can fill o
   bad-checkpoints  copies of that checkpoint, each broken one way (`MUTATIONS`), served: each must
                    exit non-zero within 60 s with one line naming the tensor or field.
   sanitizer        compute-sanitizer memcheck over the kernel tests and tests/gpu/test_bad_numbers.py
-                   (NaN / Inf / huge inputs; ``--sanitizer-k`` selects).
+                   (NaN / Inf / huge inputs; ``--sanitizer-k`` selects), in ``--sanitizer-jobs``
+                   shards at once.
 
     python examples/benchmarks/reliability.py [--parts soak,...] [--out DIR] [--port 8765]
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -401,14 +403,46 @@ def part_bad_checkpoints(args, out: Path) -> dict:
     return {"cases": cases, "ok": all(c["ok"] for c in cases.values())}
 
 
+SANITIZER_FILES = ("tests/gpu/test_kernels.py", "tests/gpu/test_kv_int4.py", "tests/gpu/test_sm90.py",
+                   "tests/gpu/test_bad_numbers.py")
+
+
 def part_sanitizer(args, out: Path) -> dict:
-    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", sys.executable, "-m", "pytest",
-           "-q", "-p", "no:cacheprovider", "tests/gpu/test_kernels.py", "tests/gpu/test_kv_int4.py",
-           "tests/gpu/test_sm90.py", "tests/gpu/test_bad_numbers.py", "-k", args.sanitizer_k]
-    rc, secs = e2e.run_command(cmd, out / "sanitizer.log", args.sanitizer_timeout)
-    text = (out / "sanitizer.log").read_text(errors="replace")
-    summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln or " failed" in ln]
-    return {"rc": rc, "seconds": secs, "selection": args.sanitizer_k, "summary": summary[-3:], "ok": rc == 0}
+    """compute-sanitizer memcheck over the selected kernel tests, split into ``--sanitizer-jobs``
+    shards (round robin over the collected test ids) that run at once on the one GPU: memcheck's
+    cost is mostly per launch on the host, so shards overlap well."""
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
+                         capture_output=True, text=True).stdout.splitlines()
+    ids = [ln.strip() for ln in ids if "::" in ln]
+    if not ids:
+        return {"ok": False, "error": "no tests collected", "selection": args.sanitizer_k}
+    jobs = max(1, min(args.sanitizer_jobs, len(ids)))
+    procs, t0 = [], time.time()
+    for j in range(jobs):
+        (out / f"sanitizer-{j}.ids").write_text("\n".join(ids[j::jobs]) + "\n")
+        cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", *pytest, *ids[j::jobs]]
+        log = open(out / f"sanitizer-{j}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    shards = []
+    for j, (proc, log) in enumerate(procs):
+        try:
+            rc = proc.wait(timeout=max(1.0, args.sanitizer_timeout - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            rc = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
+        text = (out / f"sanitizer-{j}.log").read_text(errors="replace")
+        summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln or " failed" in ln]
+        progress = "".join(ln.split(" [")[0].strip() for ln in text.splitlines() if re.fullmatch(r"[.sFEx]+( +\[ *\d+%\])?", ln.strip()))
+        shards.append({"rc": rc, "tests": len(ids[j::jobs]), "ran": len(progress), "failed": progress.count("F") + progress.count("E"),
+                       "summary": summary[-2:]})
+    return {"tests": len(ids), "jobs": jobs, "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k,
+            "shards": shards, "ok": all(s["rc"] == 0 for s in shards)}
 
 
 # ---- driver ----
@@ -426,6 +460,7 @@ def parse_args(argv=None):
     ap.add_argument("--bench-timeout", type=float, default=480)
     ap.add_argument("--sanitizer-k", default="not graph and not 8192")
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
+    ap.add_argument("--sanitizer-jobs", type=int, default=4, help="memcheck processes at once on the GPU")
     args = ap.parse_args(argv)
     args.parts = e2e.pick(args.parts, PARTS, "part")
     args.mutations = e2e.pick(args.mutations, tuple(MUTATIONS), "mutation")
