@@ -35,6 +35,7 @@ the tiny tokenizer of .devbundle/make_tiny_llama.py (made if missing).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -411,7 +412,7 @@ def part_sanitizer(args, out: Path) -> dict:
     """compute-sanitizer memcheck over the selected kernel tests, split into ``--sanitizer-jobs``
     shards (round robin over the collected test ids) that run at once on the one GPU: memcheck's
     cost is mostly per launch on the host, so shards overlap well."""
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    pytest = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
     ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
                          capture_output=True, text=True).stdout.splitlines()
     ids = [ln.strip() for ln in ids if "::" in ln]
@@ -438,9 +439,13 @@ def part_sanitizer(args, out: Path) -> dict:
         log.close()
         text = (out / f"sanitizer-{j}.log").read_text(errors="replace")
         summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln or " failed" in ln]
+        errors = collections.Counter(re.sub(r"0x[0-9a-f]+", "0x..", ln.strip("= \t"))
+                                     for ln in text.splitlines()
+                                     if re.match(r"=+\s+(Invalid|Program hit|Misaligned|Out-of-range|Barrier|Cuda|at \S)", ln))
         progress = "".join(ln.split(" [")[0].strip() for ln in text.splitlines() if re.fullmatch(r"[.sFEx]+( +\[ *\d+%\])?", ln.strip()))
         shards.append({"rc": rc, "tests": len(ids[j::jobs]), "ran": len(progress), "failed": progress.count("F") + progress.count("E"),
-                       "summary": summary[-2:]})
+                       "summary": summary[-2:], "errors": dict(errors.most_common(6)),
+                       "failed_tests": [ln[7:200] for ln in text.splitlines() if ln.startswith("FAILED ")][:6]})
     return {"tests": len(ids), "jobs": jobs, "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k,
             "shards": shards, "ok": all(s["rc"] == 0 for s in shards)}
 
