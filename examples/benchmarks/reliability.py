@@ -24,7 +24,7 @@ part into ``results/reliability-<gpu>.json``, so several device calls can fill o
                    exit non-zero within 60 s with one line naming the tensor or field.
   sanitizer        compute-sanitizer memcheck over the kernel tests and tests/gpu/test_bad_numbers.py
                    (NaN / Inf / huge inputs; ``--sanitizer-k`` selects), in ``--sanitizer-jobs``
-                   shards at once.
+                   shards at once, torch's caching allocator off (each tensor its own allocation).
 
     python examples/benchmarks/reliability.py [--parts soak,...] [--out DIR] [--port 8765]
 
@@ -419,12 +419,16 @@ def part_sanitizer(args, out: Path) -> dict:
     if not ids:
         return {"ok": False, "error": "no tests collected", "selection": args.sanitizer_k}
     jobs = max(1, min(args.sanitizer_jobs, len(ids)))
+    # torch's caching allocator off: every tensor is its own cudaMalloc, so memcheck sees an access
+    # past a tensor's end (inside a pooled block it could not), and each shard holds only what its
+    # test uses (pooled, the shards' peaks summed to more than the GPU: out of memory, not OOB)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     procs, t0 = [], time.time()
     for j in range(jobs):
         (out / f"sanitizer-{j}.ids").write_text("\n".join(ids[j::jobs]) + "\n")
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", *pytest, *ids[j::jobs]]
         log = open(out / f"sanitizer-{j}.log", "w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env), log))
     shards = []
     for j, (proc, log) in enumerate(procs):
         try:
