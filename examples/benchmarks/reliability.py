@@ -23,8 +23,8 @@ part into ``results/reliability-<gpu>.json``, so several device calls can fill o
   bad-checkpoints  copies of that checkpoint, each broken one way (`MUTATIONS`), served: each must
                    exit non-zero within 60 s with one line naming the tensor or field.
   sanitizer        compute-sanitizer memcheck over the kernel tests and tests/gpu/test_bad_numbers.py
-                   (NaN / Inf / huge inputs; ``--sanitizer-k`` selects), in ``--sanitizer-jobs``
-                   shards at once, torch's caching allocator off (each tensor its own allocation).
+                   (NaN / Inf / huge inputs; ``--sanitizer-k`` selects), in processes of
+                   ``--sanitizer-chunk`` tests, ``--sanitizer-jobs`` at once, torch's caching allocator off.
 
     python examples/benchmarks/reliability.py [--parts soak,...] [--out DIR] [--port 8765]
 
@@ -408,50 +408,78 @@ SANITIZER_FILES = ("tests/gpu/test_kernels.py", "tests/gpu/test_kv_int4.py", "te
                    "tests/gpu/test_bad_numbers.py")
 
 
+def _sanitizer_shard(text: str, tests: int, rc) -> dict:
+    """One shard's record from its log: rc (None: killed at the timeout), pytest's counts, the
+    distinct memcheck error lines (addresses blanked) and the first failed tests."""
+    counts = {k: 0 for k in ("passed", "failed", "error", "skipped")}
+    for ln in text.splitlines():  # pytest's last line: "3 failed, 57 passed, 1 skipped in 9.1s"
+        if re.search(r"\d+ (passed|failed|errors?|skipped)\b.* in [\d.]+s", ln):
+            for n, what in re.findall(r"(\d+) (passed|failed|error|skipped)", ln):
+                counts[what] = int(n)
+    errors = collections.Counter(re.sub(r"0x[0-9a-f]+", "0x..", ln.strip("= \t")) for ln in text.splitlines()
+                                 if re.match(r"=+\s+(Invalid|Program hit|Misaligned|Out-of-range|Barrier|Cuda|at \S)", ln))
+    summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln]
+    return {"rc": rc, "tests": tests, **counts, "memcheck": summary[0] if summary else None,
+            "errors": dict(errors.most_common(6)),
+            "failed_tests": [ln[7:200] for ln in text.splitlines() if ln.startswith("FAILED ")][:6]}
+
+
 def part_sanitizer(args, out: Path) -> dict:
-    """compute-sanitizer memcheck over the selected kernel tests, split into ``--sanitizer-jobs``
-    shards (round robin over the collected test ids) that run at once on the one GPU: memcheck's
-    cost is mostly per launch on the host, so shards overlap well."""
+    """compute-sanitizer memcheck over the selected kernel tests: contiguous chunks of
+    ``--sanitizer-chunk`` tests, one memcheck process each, ``--sanitizer-jobs`` at a time on the
+    one GPU (memcheck's cost is mostly per launch on the host, so processes overlap well; a
+    process per chunk bounds the instrumented modules and memory each holds)."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
     ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
                          capture_output=True, text=True).stdout.splitlines()
     ids = [ln.strip() for ln in ids if "::" in ln]
     if not ids:
         return {"ok": False, "error": "no tests collected", "selection": args.sanitizer_k}
-    jobs = max(1, min(args.sanitizer_jobs, len(ids)))
+    chunks = [ids[i:i + args.sanitizer_chunk] for i in range(0, len(ids), args.sanitizer_chunk)]
     # torch's caching allocator off: every tensor is its own cudaMalloc, so memcheck sees an access
-    # past a tensor's end (inside a pooled block it could not), and each shard holds only what its
-    # test uses (pooled, the shards' peaks summed to more than the GPU: out of memory, not OOB)
+    # past a tensor's end (inside a pooled block it could not), and a process holds only what its
+    # test uses (pooled, concurrent processes' peaks summed to more than the GPU: out of memory)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    procs, t0 = [], time.time()
-    for j in range(jobs):
-        (out / f"sanitizer-{j}.ids").write_text("\n".join(ids[j::jobs]) + "\n")
-        cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", *pytest, *ids[j::jobs]]
-        log = open(out / f"sanitizer-{j}.log", "w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env), log))
-    shards = []
-    for j, (proc, log) in enumerate(procs):
-        try:
-            rc = proc.wait(timeout=max(1.0, args.sanitizer_timeout - (time.time() - t0)))
-        except subprocess.TimeoutExpired:
-            rc = None
+    t0, todo, running, shards = time.time(), list(enumerate(chunks)), {}, {}
+
+    def finish(j, proc, log, rc):
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
         log.close()
-        text = (out / f"sanitizer-{j}.log").read_text(errors="replace")
-        summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln or " failed" in ln]
-        errors = collections.Counter(re.sub(r"0x[0-9a-f]+", "0x..", ln.strip("= \t"))
-                                     for ln in text.splitlines()
-                                     if re.match(r"=+\s+(Invalid|Program hit|Misaligned|Out-of-range|Barrier|Cuda|at \S)", ln))
-        progress = "".join(ln.split(" [")[0].strip() for ln in text.splitlines() if re.fullmatch(r"[.sFEx]+( +\[ *\d+%\])?", ln.strip()))
-        shards.append({"rc": rc, "tests": len(ids[j::jobs]), "ran": len(progress), "failed": progress.count("F") + progress.count("E"),
-                       "summary": summary[-2:], "errors": dict(errors.most_common(6)),
-                       "failed_tests": [ln[7:200] for ln in text.splitlines() if ln.startswith("FAILED ")][:6]})
-    return {"tests": len(ids), "jobs": jobs, "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k,
-            "shards": shards, "ok": all(s["rc"] == 0 for s in shards)}
+        shards[j] = _sanitizer_shard((out / f"sanitizer-{j}.log").read_text(errors="replace"), len(chunks[j]), rc)
+
+    while todo or running:
+        late = time.time() - t0 > args.sanitizer_timeout
+        while todo and len(running) < args.sanitizer_jobs and not late:
+            j, chunk = todo.pop(0)
+            (out / f"sanitizer-{j}.ids").write_text("\n".join(chunk) + "\n")
+            cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", *pytest, *chunk]
+            log = open(out / f"sanitizer-{j}.log", "w")
+            running[j] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                           env=env), log)
+        if late:
+            for j, (proc, log) in running.items():
+                finish(j, proc, log, proc.poll())
+            for j, chunk in todo:
+                shards[j] = {"rc": None, "tests": len(chunk), "not_started": True}
+            running, todo = {}, []
+            break
+        for j, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                finish(j, proc, log, proc.returncode)
+                del running[j]
+        time.sleep(0.5)
+    shards = [shards[j] for j in sorted(shards)]
+    total = {k: sum(s.get(k, 0) for s in shards) for k in ("passed", "failed", "error", "skipped")}
+    return {"tests": len(ids), "processes": len(chunks), "jobs": args.sanitizer_jobs,
+            "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k, **total,
+            "memcheck_errors": sum(int(re.search(r"(\d+) error", s.get("memcheck") or "x 0 error").group(1))
+                                   for s in shards),
+            "shards": shards, "ok": all(s["rc"] == 0 for s in shards) and total["passed"] > 0
+            and total["passed"] + total["skipped"] == len(ids)}
 
 
 # ---- driver ----
@@ -469,7 +497,8 @@ def parse_args(argv=None):
     ap.add_argument("--bench-timeout", type=float, default=480)
     ap.add_argument("--sanitizer-k", default="not graph and not 8192")
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
-    ap.add_argument("--sanitizer-jobs", type=int, default=4, help="memcheck processes at once on the GPU")
+    ap.add_argument("--sanitizer-jobs", type=int, default=6, help="memcheck processes at once on the GPU")
+    ap.add_argument("--sanitizer-chunk", type=int, default=60, help="tests per memcheck process")
     args = ap.parse_args(argv)
     args.parts = e2e.pick(args.parts, PARTS, "part")
     args.mutations = e2e.pick(args.mutations, tuple(MUTATIONS), "mutation")
