@@ -68,3 +68,35 @@ def test_bad_request_bodies_cover_the_issue_list():
     with pytest.raises(UnicodeDecodeError):
         bodies["not-utf8"].decode("utf-8")
     assert {"max-tokens-huge", "max-tokens-negative", "logprobs-out-of-range", "empty-prompt"} <= set(bodies)
+
+
+OOM_LOG = """========= COMPUTE-SANITIZER
+FAILED tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama2-7b-o] - torch.OutOfMemoryError: CUDA out
+FAILED tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama3-8b-qkv] - torch.AcceleratorError: CUDA e...
+========= Program hit cudaErrorMemoryAllocation (error 2) due to "out of memory" on CUDA API call to cudaMalloc.
+2 failed, 38 passed in 61.2s
+========= ERROR SUMMARY: 4 errors
+"""
+OOB_LOG = """========= Invalid __global__ read of size 16 bytes
+=========     at w4a4_sm90+0x1a30 in w4a4_sm90.cu:212
+=========     by thread (5,0,0) in block (3,0,0)
+========= Program hit cudaErrorMemoryAllocation (error 2) due to "out of memory" on CUDA API call to cudaMalloc.
+FAILED tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama2-7b-o] - RuntimeError: CUDA error
+1 failed, 39 passed in 61.2s
+========= ERROR SUMMARY: 2 errors
+"""
+
+
+def test_sanitizer_log_parsing_and_oom_retry():
+    """A memcheck log gives pytest's counts and the distinct error lines; only a chunk whose every
+    failure is out of memory gets its failed tests run again alone (an access error never)."""
+    s = reliability._sanitizer_shard(OOM_LOG, 40, 99)
+    assert (s["passed"], s["failed"], s["memcheck"]) == (38, 2, "========= ERROR SUMMARY: 4 errors")
+    assert reliability._oom_only(s) == ["tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama2-7b-o]",
+                                        "tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama3-8b-qkv]"]
+    s = reliability._sanitizer_shard(OOB_LOG, 40, 99)
+    assert s["errors"]["Invalid __global__ read of size 16 bytes"] == 1
+    assert "at w4a4_sm90+0x.. in w4a4_sm90.cu:212" in s["errors"]
+    assert reliability._oom_only(s) == []
+    clean = reliability._sanitizer_shard("40 passed in 30.0s\n========= ERROR SUMMARY: 0 errors\n", 40, 0)
+    assert clean["passed"] == 40 and reliability._oom_only(clean) == []

@@ -408,6 +408,9 @@ SANITIZER_FILES = ("tests/gpu/test_kernels.py", "tests/gpu/test_kv_int4.py", "te
                    "tests/gpu/test_bad_numbers.py")
 
 
+_OOM = re.compile(r"cudaErrorMemoryAllocation|out of memory|cudaErrorUnknown")
+
+
 def _sanitizer_shard(text: str, tests: int, rc) -> dict:
     """One shard's record from its log: rc (None: killed at the timeout), pytest's counts, the
     distinct memcheck error lines (addresses blanked) and the first failed tests."""
@@ -421,14 +424,37 @@ def _sanitizer_shard(text: str, tests: int, rc) -> dict:
     summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln]
     return {"rc": rc, "tests": tests, **counts, "memcheck": summary[0] if summary else None,
             "errors": dict(errors.most_common(6)),
-            "failed_tests": [ln[7:200] for ln in text.splitlines() if ln.startswith("FAILED ")][:6]}
+            "failed_tests": [ln[7:200] for ln in text.splitlines() if ln.startswith("FAILED ")][:6],
+            "_failed_ids": [ln[7:].split(" - ")[0].strip() for ln in text.splitlines() if ln.startswith("FAILED ")],
+            "_only_oom": bool(errors) and all(_OOM.search(e) for e in errors)}
+
+
+def _gpu_free_gib() -> float:
+    """Free memory of GPU 0 (nvidia-smi; inf where it cannot say)."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                           capture_output=True, text=True, timeout=20)
+        return float(r.stdout.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return float("inf")
+
+
+def _oom_only(shard: dict) -> list[str]:
+    """The failed tests of a shard whose every failure and memcheck line is out of memory (to be run
+    again alone), else []."""
+    if shard["rc"] in (0, None) or not shard["failed"] or not shard["_only_oom"]:
+        return []
+    return shard["_failed_ids"] if len(shard["_failed_ids"]) == shard["failed"] else []
 
 
 def part_sanitizer(args, out: Path) -> dict:
     """compute-sanitizer memcheck over the selected kernel tests: contiguous chunks of
     ``--sanitizer-chunk`` tests, one memcheck process each, ``--sanitizer-jobs`` at a time on the
     one GPU (memcheck's cost is mostly per launch on the host, so processes overlap well; a
-    process per chunk bounds the instrumented modules and memory each holds)."""
+    process per chunk bounds the instrumented modules and memory each holds). A chunk starts only
+    while ``--sanitizer-min-free-gib`` of GPU memory is free; a chunk whose failures and memcheck
+    lines are all out-of-memory (the concurrent tests' peaks, not an access error) runs its failed
+    tests once more, alone, and that run's outcome is the record."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
     ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
                          capture_output=True, text=True).stdout.splitlines()
@@ -451,9 +477,13 @@ def part_sanitizer(args, out: Path) -> dict:
         log.close()
         shards[j] = _sanitizer_shard((out / f"sanitizer-{j}.log").read_text(errors="replace"), len(chunks[j]), rc)
 
+    retried, retry_ids = [], set()
     while todo or running:
         late = time.time() - t0 > args.sanitizer_timeout
         while todo and len(running) < args.sanitizer_jobs and not late:
+            alone = todo[0][0] in retry_ids or any(r in retry_ids for r in running)
+            if running and (alone or _gpu_free_gib() < args.sanitizer_min_free_gib):
+                break  # the running tests hold the memory: start the next chunk when some is back
             j, chunk = todo.pop(0)
             (out / f"sanitizer-{j}.ids").write_text("\n".join(chunk) + "\n")
             cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", *pytest, *chunk]
@@ -471,14 +501,28 @@ def part_sanitizer(args, out: Path) -> dict:
             if proc.poll() is not None:
                 finish(j, proc, log, proc.returncode)
                 del running[j]
-        time.sleep(0.5)
-    shards = [shards[j] for j in sorted(shards)]
-    total = {k: sum(s.get(k, 0) for s in shards) for k in ("passed", "failed", "error", "skipped")}
+                again = [] if j in retry_ids else _oom_only(shards[j])
+                if again:  # out of memory beside the others, not a memcheck finding: once more, alone
+                    retried.append(j)
+                    chunks.append(again)
+                    retry_ids.add(len(chunks) - 1)
+                    todo.append((len(chunks) - 1, again))
+                    shards[j]["retried_as"] = len(chunks) - 1
+        time.sleep(1.0)
+    for sh in shards.values():
+        sh.pop("_failed_ids", None), sh.pop("_only_oom", None)
+    final = [s for j, s in sorted(shards.items()) if "retried_as" not in s]
+    total = {k: sum(s.get(k, 0) for s in final) for k in ("passed", "failed", "error", "skipped")}
+    total["passed"] += sum(shards[j]["passed"] for j in retried)  # the retried chunks' first passes
+
+    def memcheck_errors(group):
+        return sum(int(re.search(r"(\d+) error", s.get("memcheck") or "x 0 error").group(1)) for s in group)
     return {"tests": len(ids), "processes": len(chunks), "jobs": args.sanitizer_jobs,
             "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k, **total,
-            "memcheck_errors": sum(int(re.search(r"(\d+) error", s.get("memcheck") or "x 0 error").group(1))
-                                   for s in shards),
-            "shards": shards, "ok": all(s["rc"] == 0 for s in shards) and total["passed"] > 0
+            "memcheck_errors": memcheck_errors(final),
+            "retried_alone": len(retried), "oom_errors_before_retry": memcheck_errors([shards[j] for j in retried]),
+            "shards": [shards[j] for j in sorted(shards)],
+            "ok": all(s["rc"] == 0 for s in final) and total["passed"] > 0
             and total["passed"] + total["skipped"] == len(ids)}
 
 
@@ -499,6 +543,8 @@ def parse_args(argv=None):
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
     ap.add_argument("--sanitizer-jobs", type=int, default=6, help="memcheck processes at once on the GPU")
     ap.add_argument("--sanitizer-chunk", type=int, default=60, help="tests per memcheck process")
+    ap.add_argument("--sanitizer-min-free-gib", type=float, default=40,
+                    help="start another memcheck process only while this much GPU memory is free")
     args = ap.parse_args(argv)
     args.parts = e2e.pick(args.parts, PARTS, "part")
     args.mutations = e2e.pick(args.mutations, tuple(MUTATIONS), "mutation")
