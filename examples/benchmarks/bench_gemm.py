@@ -155,7 +155,8 @@ def _marlin(w_bf16: torch.Tensor):
 
 
 def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bool = False,
-                sweep_ks: int | None = None, sweep_stages: list[int] | None = None) -> list[dict]:
+                sweep_ks: int | None = None, sweep_stages: list[int] | None = None,
+                sweep_width: int | None = None) -> list[dict]:
     cfg = AtomConfig()
     o = cfg.outliers_for(k)
     kn = k - o
@@ -265,6 +266,20 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             del gemm_plan.SM90_TUNED[(bn, n, k)]
             if saved:
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved
+        if sweep_width and sm90:  # every (wgc, cs, ks) of another tile width at this M
+            width, saved = gemm_plan.sm90_width, dict(gemm_plan.SM90_TUNED)
+            gemm_plan.sm90_width = lambda _m: sweep_width
+            try:
+                for c in gemm_plan.sm90_candidates(m):
+                    if c.cs > 1 and steps < 2 * c.cs:
+                        continue
+                    gemm_plan.SM90_TUNED[(sweep_width, n, k)] = (c.wgc, c.cs, c.ks)
+                    rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_b{c.bn}w{c.wgc}c{c.cs}k{c.ks}",
+                                     time_us=round(time_us(atom_gemm, sets), 3)))
+            finally:
+                gemm_plan.sm90_width = width
+                gemm_plan.SM90_TUNED.clear()
+                gemm_plan.SM90_TUNED.update(saved)
         if sweep_stages and sm90 and m <= 256:  # the plan's config with other pipeline depths
             seen = set()
             for cap in sweep_stages:
@@ -393,6 +408,9 @@ def main() -> None:
                     "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
     ap.add_argument("--sweep-stages", help="comma-separated stage caps: also time the plan's sm90 config at M <= 256 "
                     "with each (rows atom_gemm_s<stages>; as many as fit in shared memory)")
+    ap.add_argument("--sweep-width", type=int, choices=gemm_plan.SM90_WIDTHS,
+                    help="also time every sm90 config of this tile width (tokens per CTA) at every M "
+                    "(rows atom_gemm_b<width>w<wgc>c<cs>k<ks>; e.g. 64 at M >= 1024, where the plan takes 128)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
@@ -413,7 +431,8 @@ def main() -> None:
     rows = []
     for model, layer, n, k in shapes:
         rows += bench_shape(n, k, m_list, fp8_quant_c, args.sweep_splits, args.sweep_ks,
-                            [int(v) for v in args.sweep_stages.split(",")] if args.sweep_stages else None)
+                            [int(v) for v in args.sweep_stages.split(",")] if args.sweep_stages else None,
+                            args.sweep_width)
         print(f"{model} {layer} N={n} K={k} done", flush=True)
     rows = with_fp8(rows)
     main_rows = [r for r in rows if r["impl"] in ("atom", "bf16", "fp8", "marlin")]
