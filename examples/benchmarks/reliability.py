@@ -439,6 +439,24 @@ def _gpu_free_gib() -> float:
         return float("inf")
 
 
+def _gpu_mib_by_group() -> dict[int, int]:
+    """{process group: MiB of GPU memory its processes hold} (nvidia-smi; {} where it cannot say)."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out: dict[int, int] = {}
+    for ln in r.stdout.splitlines():
+        try:
+            pid, mib = (int(v) for v in ln.split(","))
+            g = os.getpgid(pid)
+        except (ValueError, ProcessLookupError, PermissionError):
+            continue
+        out[g] = out.get(g, 0) + mib
+    return out
+
+
 def _oom_only(shard: dict) -> list[str]:
     """The failed tests of a shard whose every failure and memcheck line is out of memory (to be run
     again alone), else []."""
@@ -466,7 +484,7 @@ def part_sanitizer(args, out: Path) -> dict:
     # past a tensor's end (inside a pooled block it could not), and a process holds only what its
     # test uses (pooled, concurrent processes' peaks summed to more than the GPU: out of memory)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    t0, todo, running, shards = time.time(), list(enumerate(chunks)), {}, {}
+    t0, todo, running, shards, peak = time.time(), list(enumerate(chunks)), {}, {}, {}
 
     def finish(j, proc, log, rc):
         try:
@@ -476,6 +494,7 @@ def part_sanitizer(args, out: Path) -> dict:
         proc.wait()
         log.close()
         shards[j] = _sanitizer_shard((out / f"sanitizer-{j}.log").read_text(errors="replace"), len(chunks[j]), rc)
+        shards[j]["peak_gpu_mib"] = peak.pop(proc.pid, None)
 
     retried, retry_ids = [], set()
     while todo or running:
@@ -497,6 +516,8 @@ def part_sanitizer(args, out: Path) -> dict:
                 shards[j] = {"rc": None, "tests": len(chunk), "not_started": True}
             running, todo = {}, []
             break
+        for g, mib in _gpu_mib_by_group().items():  # each chunk's process group, sampled every second
+            peak[g] = max(peak.get(g, 0), mib)
         for j, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 finish(j, proc, log, proc.returncode)
@@ -542,7 +563,7 @@ def parse_args(argv=None):
     ap.add_argument("--sanitizer-k", default="not graph and not 8192")
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
     ap.add_argument("--sanitizer-jobs", type=int, default=6, help="memcheck processes at once on the GPU")
-    ap.add_argument("--sanitizer-chunk", type=int, default=60, help="tests per memcheck process")
+    ap.add_argument("--sanitizer-chunk", type=int, default=30, help="tests per memcheck process")
     ap.add_argument("--sanitizer-min-free-gib", type=float, default=40,
                     help="start another memcheck process only while this much GPU memory is free")
     args = ap.parse_args(argv)
