@@ -92,11 +92,12 @@ def test_sanitizer_log_parsing_and_oom_retry():
     failure is out of memory gets its failed tests run again alone (an access error never)."""
     s = reliability._sanitizer_shard(OOM_LOG, 40, 99)
     assert (s["passed"], s["failed"], s["memcheck"]) == (38, 2, "========= ERROR SUMMARY: 4 errors")
-    assert reliability._oom_only(s) == ["tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama2-7b-o]",
-                                        "tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama3-8b-qkv]"]
+    assert reliability._oom_only(OOM_LOG, s) == ["tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama2-7b-o]",
+                                                 "tests/gpu/test_sm90.py::test_atom_linear_sm90[default-64-llama3-8b-qkv]"]
     s = reliability._sanitizer_shard(OOB_LOG, 40, 99)
     assert s["errors"]["Invalid __global__ read of size 16 bytes"] == 1
     assert "at w4a4_sm90+0x.. in w4a4_sm90.cu:212" in s["errors"]
-    assert reliability._oom_only(s) == []
-    clean = reliability._sanitizer_shard("40 passed in 30.0s\n========= ERROR SUMMARY: 0 errors\n", 40, 0)
-    assert clean["passed"] == 40 and reliability._oom_only(clean) == []
+    assert reliability._oom_only(OOB_LOG, s) == []
+    clean_log = "40 passed in 30.0s\n========= ERROR SUMMARY: 0 errors\n"
+    clean = reliability._sanitizer_shard(clean_log, 40, 0)
+    assert clean["passed"] == 40 and reliability._oom_only(clean_log, clean) == []

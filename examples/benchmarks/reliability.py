@@ -184,9 +184,10 @@ class Server:
         self.log.close()
 
 
-def gpu_memory_mib() -> int | None:
+def gpu_memory_mib(field: str = "memory.used") -> int | None:
+    """nvidia-smi's ``field`` (MiB) of the first GPU, or None where it cannot say."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
         return int(out.split()[0])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -416,29 +417,22 @@ _OOM = re.compile(r"cudaErrorMemoryAllocation|out of memory|cudaErrorUnknown")
 def _sanitizer_shard(text: str, tests: int, rc) -> dict:
     """One shard's record from its log: rc (None: killed at the timeout), pytest's counts, the
     distinct memcheck error lines (addresses blanked) and the first failed tests."""
+    lines = text.splitlines()
     counts = {k: 0 for k in ("passed", "failed", "error", "skipped")}
-    for ln in text.splitlines():  # pytest's last line: "3 failed, 57 passed, 1 skipped in 9.1s"
+    for ln in lines:  # pytest's last line: "3 failed, 57 passed, 1 skipped in 9.1s"
         if re.search(r"\d+ (passed|failed|errors?|skipped)\b.* in [\d.]+s", ln):
             for n, what in re.findall(r"(\d+) (passed|failed|error|skipped)", ln):
                 counts[what] = int(n)
-    errors = collections.Counter(re.sub(r"0x[0-9a-f]+", "0x..", ln.strip("= \t")) for ln in text.splitlines()
-                                 if re.match(r"=+\s+(Invalid|Program hit|Misaligned|Out-of-range|Barrier|Cuda|at \S)", ln))
-    summary = [ln.strip() for ln in text.splitlines() if "ERROR SUMMARY" in ln]
+    summary = [ln.strip() for ln in lines if "ERROR SUMMARY" in ln]
     return {"rc": rc, "tests": tests, **counts, "memcheck": summary[0] if summary else None,
-            "errors": dict(errors.most_common(6)),
-            "failed_tests": [ln[7:200] for ln in text.splitlines() if ln.startswith("FAILED ")][:6],
-            "_failed_ids": [ln[7:].split(" - ")[0].strip() for ln in text.splitlines() if ln.startswith("FAILED ")],
-            "_only_oom": bool(errors) and all(_OOM.search(e) for e in errors)}
+            "errors": dict(_memcheck_lines(lines).most_common(6)),
+            "failed_tests": [ln[7:200] for ln in lines if ln.startswith("FAILED ")][:6]}
 
 
-def _gpu_free_gib() -> float:
-    """Free memory of GPU 0 (nvidia-smi; inf where it cannot say)."""
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
-                           capture_output=True, text=True, timeout=20)
-        return float(r.stdout.split()[0]) / 1024
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return float("inf")
+def _memcheck_lines(lines: list[str]) -> collections.Counter:
+    """The distinct memcheck error lines (addresses blanked), with counts."""
+    return collections.Counter(re.sub(r"0x[0-9a-f]+", "0x..", ln.strip("= \t")) for ln in lines
+                               if re.match(r"=+\s+(Invalid|Program hit|Misaligned|Out-of-range|Barrier|Cuda|at \S)", ln))
 
 
 def _gpu_mib_by_group() -> dict[int, int]:
@@ -459,12 +453,15 @@ def _gpu_mib_by_group() -> dict[int, int]:
     return out
 
 
-def _oom_only(shard: dict) -> list[str]:
-    """The failed tests of a shard whose every failure and memcheck line is out of memory (to be run
-    again alone), else []."""
-    if shard["rc"] in (0, None) or not shard["failed"] or not shard["_only_oom"]:
+def _oom_only(text: str, shard: dict) -> list[str]:
+    """The failed tests of a shard (its log and `_sanitizer_shard` record) whose every failure and
+    memcheck line is out of memory (to be run again alone), else []."""
+    lines = text.splitlines()
+    errors = _memcheck_lines(lines)
+    if shard["rc"] in (0, None) or not shard["failed"] or not errors or not all(_OOM.search(e) for e in errors):
         return []
-    return shard["_failed_ids"] if len(shard["_failed_ids"]) == shard["failed"] else []
+    ids = [ln[7:].split(" - ")[0].strip() for ln in lines if ln.startswith("FAILED ")]
+    return ids if len(ids) == shard["failed"] else []
 
 
 def part_sanitizer(args, out: Path) -> dict:
@@ -495,15 +492,18 @@ def part_sanitizer(args, out: Path) -> dict:
             pass
         proc.wait()
         log.close()
-        shards[j] = _sanitizer_shard((out / f"sanitizer-{j}.log").read_text(errors="replace"), len(chunks[j]), rc)
+        text = (out / f"sanitizer-{j}.log").read_text(errors="replace")
+        shards[j] = _sanitizer_shard(text, len(chunks[j]), rc)
         shards[j]["peak_gpu_mib"] = peak.pop(proc.pid, None)
+        return text
 
     retried, retry_ids = [], set()
     while todo or running:
         late = time.time() - t0 > args.sanitizer_timeout
         while todo and len(running) < args.sanitizer_jobs and not late:
             alone = todo[0][0] in retry_ids or any(r in retry_ids for r in running)
-            if running and (alone or _gpu_free_gib() < args.sanitizer_min_free_gib):
+            free = gpu_memory_mib("memory.free")
+            if running and (alone or (free is not None and free < 1024 * args.sanitizer_min_free_gib)):
                 break  # the running tests hold the memory: start the next chunk when some is back
             j, chunk = todo.pop(0)
             (out / f"sanitizer-{j}.ids").write_text("\n".join(chunk) + "\n")
@@ -522,9 +522,9 @@ def part_sanitizer(args, out: Path) -> dict:
             peak[g] = max(peak.get(g, 0), mib)
         for j, (proc, log) in list(running.items()):
             if proc.poll() is not None:
-                finish(j, proc, log, proc.returncode)
+                text = finish(j, proc, log, proc.returncode)
                 del running[j]
-                again = [] if j in retry_ids else _oom_only(shards[j])
+                again = [] if j in retry_ids else _oom_only(text, shards[j])
                 if again:  # out of memory beside the others, not a memcheck finding: once more, alone
                     retried.append(j)
                     chunks.append(again)
@@ -532,8 +532,6 @@ def part_sanitizer(args, out: Path) -> dict:
                     todo.append((len(chunks) - 1, again))
                     shards[j]["retried_as"] = len(chunks) - 1
         time.sleep(1.0)
-    for sh in shards.values():
-        sh.pop("_failed_ids", None), sh.pop("_only_oom", None)
     final = [s for j, s in sorted(shards.items()) if "retried_as" not in s]
     total = {k: sum(s.get(k, 0) for s in final) for k in ("passed", "failed", "error", "skipped")}
     total["passed"] += sum(shards[j]["passed"] for j in retried)  # the retried chunks' first passes
