@@ -101,3 +101,21 @@ def test_sanitizer_log_parsing_and_oom_retry():
     clean_log = "40 passed in 30.0s\n========= ERROR SUMMARY: 0 errors\n"
     clean = reliability._sanitizer_shard(clean_log, 40, 0)
     assert clean["passed"] == 40 and reliability._oom_only(clean_log, clean) == []
+
+
+def test_sanitizer_resume_keeps_clean_chunks_and_runs_the_rest():
+    """--sanitizer-resume keeps the earlier run's clean chunks (mapped onto the collected tests by
+    position) and leaves for this run the killed, unstarted and out-of-memory-retried ones; a
+    record of another selection is refused, never silently reused."""
+    ids = [f"t::{i}" for i in range(100)]
+    earlier = {"selection": "sel", "tests": 100, "commit": "abc",
+               "shards": [{"rc": 0, "tests": 30}, {"rc": 99, "tests": 30, "retried_as": 4},
+                          {"rc": None, "tests": 30}, {"rc": 0, "tests": 10}, {"rc": 0, "tests": 2}]}
+    kept, spans = reliability._sanitizer_spans(earlier, ids, "sel")
+    assert [(s["start"], s["tests"], s["commit"]) for s in kept] == [(0, 30, "abc"), (90, 10, "abc")]
+    assert spans == [(30, 90)]
+    again, spans = reliability._sanitizer_spans({**earlier, "shards": kept + [{"rc": 0, "tests": 60, "start": 30}]},
+                                                ids, "sel")
+    assert spans == [] and sum(s["tests"] for s in again) == 100
+    with pytest.raises(ValueError, match="not this selection"):
+        reliability._sanitizer_spans(earlier, ids[:99], "sel")

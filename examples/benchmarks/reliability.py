@@ -464,26 +464,57 @@ def _oom_only(text: str, shard: dict) -> list[str]:
     return ids if len(ids) == shard["failed"] else []
 
 
-def part_sanitizer(args, out: Path) -> dict:
+def _sanitizer_spans(previous: dict, ids: list[str], selection: str) -> tuple[list[dict], list[tuple[int, int]]]:
+    """For ``--sanitizer-resume``: the shards of an earlier sanitizer record that finished clean
+    (rc 0; a chunk that needed an alone-rerun runs again), each with its ``start`` in ``ids`` and
+    its run's commit, and the [start, end) spans of ``ids`` they leave out. The earlier run must
+    have collected the same tests (count and selection): its chunks map onto ``ids`` by position."""
+    shards = previous.get("shards") or []
+    if previous.get("selection") != selection or previous.get("tests") != len(ids) or not shards:
+        raise ValueError(f"--sanitizer-resume: the earlier record ({previous.get('tests')} tests, "
+                         f"{previous.get('selection')!r}) is not this selection ({len(ids)} tests, {selection!r})")
+    reruns = {s["retried_as"] for s in shards if "retried_as" in s}
+    kept, at = [], 0
+    for j, s in enumerate(shards):
+        if j in reruns:
+            continue  # an alone-rerun of a chunk's failed tests: that chunk runs again
+        start = s.get("start", at)
+        at = start + s["tests"]
+        if s["rc"] == 0 and "retried_as" not in s:
+            kept.append({**s, "start": start, "commit": s.get("commit", previous.get("commit"))})
+    spans, at = [], 0
+    for a, b in sorted((s["start"], s["start"] + s["tests"]) for s in kept) + [(len(ids), len(ids))]:
+        if a > at:
+            spans.append((at, a))
+        at = max(at, b)
+    return kept, spans
+
+
+def part_sanitizer(args, out: Path, previous: dict | None = None) -> dict:
     """compute-sanitizer memcheck over the selected kernel tests: contiguous chunks of
     ``--sanitizer-chunk`` tests, one memcheck process each, ``--sanitizer-jobs`` at a time on the
     one GPU (memcheck's cost is mostly per launch on the host, so processes overlap well; a
     process per chunk bounds the instrumented modules and memory each holds). A chunk starts only
     while ``--sanitizer-min-free-gib`` of GPU memory is free; a chunk whose failures and memcheck
     lines are all out-of-memory (the concurrent tests' peaks, not an access error) runs its failed
-    tests once more, alone, and that run's outcome is the record."""
+    tests once more, alone, and that run's outcome is the record. ``--sanitizer-resume`` keeps the
+    clean chunks of ``previous`` (the committed record) and runs only the tests they leave out."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
     ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
                          capture_output=True, text=True).stdout.splitlines()
     ids = [ln.strip() for ln in ids if "::" in ln]
     if not ids:
         return {"ok": False, "error": "no tests collected", "selection": args.sanitizer_k}
-    chunks = [ids[i:i + args.sanitizer_chunk] for i in range(0, len(ids), args.sanitizer_chunk)]
+    kept, spans = _sanitizer_spans(previous or {}, ids, args.sanitizer_k) if args.sanitizer_resume else ([], [(0, len(ids))])
+    starts = [i for a, b in spans for i in range(a, b, args.sanitizer_chunk)]
+    ends = [min(i + args.sanitizer_chunk, b) for a, b in spans for i in range(a, b, args.sanitizer_chunk)]
+    chunks = [ids[i:e] for i, e in zip(starts, ends)]
     # torch's caching allocator off: every tensor is its own cudaMalloc, so memcheck sees an access
     # past a tensor's end (inside a pooled block it could not), and a process holds only what its
     # test uses (pooled, concurrent processes' peaks summed to more than the GPU: out of memory)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     t0, todo, running, shards, peak = time.time(), list(enumerate(chunks)), {}, {}, {}
+    began = {}
 
     def finish(j, proc, log, rc):
         try:
@@ -494,7 +525,8 @@ def part_sanitizer(args, out: Path) -> dict:
         log.close()
         text = (out / f"sanitizer-{j}.log").read_text(errors="replace")
         shards[j] = _sanitizer_shard(text, len(chunks[j]), rc)
-        shards[j]["peak_gpu_mib"] = peak.pop(proc.pid, None)
+        shards[j].update(start=starts[j] if j < len(starts) else None, peak_gpu_mib=peak.pop(proc.pid, None),
+                         seconds=round(time.time() - began[j], 1))
         return text
 
     retried, retry_ids = [], set()
@@ -509,13 +541,15 @@ def part_sanitizer(args, out: Path) -> dict:
             (out / f"sanitizer-{j}.ids").write_text("\n".join(chunk) + "\n")
             cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", *pytest, *chunk]
             log = open(out / f"sanitizer-{j}.log", "w")
+            began[j] = time.time()
             running[j] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                            env=env), log)
         if late:
             for j, (proc, log) in running.items():
                 finish(j, proc, log, proc.poll())
             for j, chunk in todo:
-                shards[j] = {"rc": None, "tests": len(chunk), "not_started": True}
+                shards[j] = {"rc": None, "tests": len(chunk), "start": starts[j] if j < len(starts) else None,
+                             "not_started": True}
             running, todo = {}, []
             break
         for g, mib in _gpu_mib_by_group().items():  # each chunk's process group, sampled every second
@@ -532,17 +566,23 @@ def part_sanitizer(args, out: Path) -> dict:
                     todo.append((len(chunks) - 1, again))
                     shards[j]["retried_as"] = len(chunks) - 1
         time.sleep(1.0)
-    final = [s for j, s in sorted(shards.items()) if "retried_as" not in s]
+    commit = e2e.commit()
+    new = [{**shards[j], "commit": commit} for j in sorted(shards)]
+    for s in new:  # the kept shards come first
+        if "retried_as" in s:
+            s["retried_as"] += len(kept)
+    final = kept + [s for s in new if "retried_as" not in s]
     total = {k: sum(s.get(k, 0) for s in final) for k in ("passed", "failed", "error", "skipped")}
     total["passed"] += sum(shards[j]["passed"] for j in retried)  # the retried chunks' first passes
 
     def memcheck_errors(group):
         return sum(int(re.search(r"(\d+) error", s.get("memcheck") or "x 0 error").group(1)) for s in group)
-    return {"tests": len(ids), "processes": len(chunks), "jobs": args.sanitizer_jobs,
+    return {"tests": len(ids), "processes": len(kept) + len(new), "jobs": args.sanitizer_jobs,
             "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k, **total,
             "memcheck_errors": memcheck_errors(final),
             "retried_alone": len(retried), "oom_errors_before_retry": memcheck_errors([shards[j] for j in retried]),
-            "shards": [shards[j] for j in sorted(shards)],
+            "kept_from_earlier": len(kept), "commits": sorted({s["commit"] for s in kept + new}),
+            "shards": kept + new,
             "ok": all(s["rc"] == 0 for s in final) and total["passed"] > 0
             and total["passed"] + total["skipped"] == len(ids)}
 
@@ -564,6 +604,8 @@ def parse_args(argv=None):
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
     ap.add_argument("--sanitizer-jobs", type=int, default=6, help="memcheck processes at once on the GPU")
     ap.add_argument("--sanitizer-chunk", type=int, default=30, help="tests per memcheck process")
+    ap.add_argument("--sanitizer-resume", action="store_true",
+                    help="keep the clean chunks of the committed sanitizer record; run only the tests they leave out")
     ap.add_argument("--sanitizer-min-free-gib", type=float, default=40,
                     help="start another memcheck process only while this much GPU memory is free")
     args = ap.parse_args(argv)
@@ -582,7 +624,7 @@ def main(argv=None) -> int:
     record = json.loads(path.read_text()) if path.exists() else {"parts": {}}
     run = {"soak": lambda: part_soak(args, work, False), "soak-prefix": lambda: part_soak(args, work, True),
            "bad-requests": lambda: part_bad_requests(args, work), "preempt": lambda: part_preempt(args, work),
-           "bad-checkpoints": lambda: part_bad_checkpoints(args, work), "sanitizer": lambda: part_sanitizer(args, work)}
+           "bad-checkpoints": lambda: part_bad_checkpoints(args, work), "sanitizer": lambda: part_sanitizer(args, work, record["parts"].get("sanitizer"))}
     for part in args.parts:
         t0 = time.time()
         try:
