@@ -70,6 +70,9 @@
 #ifndef PINGPONG  // 1: the two consumer warpgroups take turns on the tensor cores (measured slower)
 #define PINGPONG 0
 #endif
+#ifndef PIPE  // 1: each consumer warpgroup keeps one step's MMAs in flight while it folds the step before
+#define PIPE 0
+#endif
 // Registers per thread after setmaxnreg: the CTA's 65,536 (launch bounds: 65536 / THREADS each,
 // a multiple of 8) shared as 128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS.
 #if WGC == 1
@@ -94,6 +97,7 @@ static_assert(128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS <= 65536 / THREADS
               "setmaxnreg asks for more registers than the CTA holds");
 static_assert((KS == 1 || KS == 2) && WGC % KS == 0, "KS splits the warpgroups into equal halves");
 static_assert(!PINGPONG || (WGC == 2 && KS == 1), "PINGPONG takes turns between two consumer warpgroups");
+static_assert(!PIPE || (KS == 1 && !PINGPONG && !E4M3), "PIPE is for one warpgroup per slab on s8 steps");
 
 #if CS > 1
 #define CLUSTER_ATTR __cluster_dims__(1, CS, 1)
@@ -211,6 +215,57 @@ __device__ __forceinline__ void fold_e4m3(float (&acc)[WIDTH / 2], const int (&c
   }
 }
 
+#if PIPE
+// One consumer warpgroup's steps with two accumulator sets: step j's MMAs go into c[j % 2] and
+// run while the warpgroup folds step j - 1 from the other set, which it then hands back to the
+// producer (the stage is freed one step later than without PIPE). Buffer indices are template
+// arguments, so both sets stay in registers.
+struct PipedSteps {
+  float acc[NACC];
+  int c[2][NACC];
+  u32 a[2][4][4];
+  float sw[2][2];
+  int s, sp;  // stage of the step being issued, and of the one before it
+  u32 phase;
+
+  // Wait for stage s, load its weights into set B and issue its MMAs into c[B].
+  template <int B>
+  __device__ __forceinline__ void issue_step(unsigned char* smem, u64* full, const unsigned char* wbase,
+                                             const WOffsets& wo, int j, int G) {
+    mbar_wait(&full[s], phase);
+    const int so = s * STAGE_BYTES;
+    load_weights<false>(wbase + so, j == G, wo, a[B], sw[B]);
+    issue<BN, false>(c[B], a[B], smem_addr(smem + so));
+    sp = s;
+    if (++s == STAGES) s = 0, phase ^= 1;
+  }
+
+  // Fold the step in set B (its MMAs complete once at most PENDING newer groups are in flight)
+  // with the activation scales of stage `stage`, then free that stage.
+  template <int B, int PENDING>
+  __device__ __forceinline__ void fold_step(unsigned char* smem, u64* empty, const unsigned char* sabase, int stage,
+                                            int lane) {
+    wgmma_wait<PENDING>();
+    fence_operand(c[B]);
+    float2 fa[BN / 8];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float2*)(sabase + stage * STAGE_BYTES + 64 * i);
+    fold<BN>(acc, c[B], sw[B], fa);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[stage]);
+  }
+
+  // issue step j into set B, then fold step j - 1 from set 1 - B
+  template <int B>
+  __device__ __forceinline__ void step(unsigned char* smem, u64* full, u64* empty, const unsigned char* wbase,
+                                       const unsigned char* sabase, const WOffsets& wo, int j, int G, int lane) {
+    const int prev = sp;
+    issue_step<B>(smem, full, wbase, wo, j, G);
+    fold_step<1 - B, 1>(smem, empty, sabase, prev, lane);
+  }
+};
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
 w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
           const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
@@ -291,6 +346,27 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   const WOffsets wo = weight_offsets(w, lane);
   const unsigned char* wbase = smem + W_OFF + sl * CHUNK8;
   const unsigned char* sabase = smem + SA_OFF + t * 16;  // token pair 4i + t at 16 * (4i + t)
+#if PIPE
+  PipedSteps ps;
+  float (&acc)[NACC] = ps.acc;
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+  ps.s = 0, ps.sp = 0, ps.phase = 0;
+  if (j1 > j0) {
+    ps.issue_step<0>(smem, full, wbase, wo, j0, G);
+    int j = j0 + 1;
+    for (; j + 1 < j1; j += 2) {
+      ps.step<1>(smem, full, empty, wbase, sabase, wo, j, G, lane);
+      ps.step<0>(smem, full, empty, wbase, sabase, wo, j + 1, G, lane);
+    }
+    if (j < j1) {
+      ps.step<1>(smem, full, empty, wbase, sabase, wo, j, G, lane);
+      ps.fold_step<1, 0>(smem, empty, sabase, ps.sp, lane);
+    } else {
+      ps.fold_step<0, 0>(smem, empty, sabase, ps.sp, lane);
+    }
+  }
+#else
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
@@ -345,6 +421,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     if ((s += KS) >= STAGES) s -= STAGES, phase ^= 1;
 #endif
   }
+#endif  // PIPE
 
   // Epilogue: the partial tile through shared memory (stage memory, now idle), [token][row].
   float* part = (float*)smem;

@@ -84,3 +84,18 @@ def test_batch_invariant_mode_keeps_one_k_split(n, k, monkeypatch):
     cfgs = [gp.sm90_plan(m, n, k, steps, 132)[0] for m in (1, 7, 16, 33, 64, 100, 128, 300, 1024, 8192)]
     assert {(c.cs, c.ks) for c in cfgs} == {(cfgs[0].cs, 1)}
     assert all((c.wgc, c.ks) in gp.sm90_shapes(c.bn) and c.smem_bytes <= gp.SM90_SMEM for c in cfgs)
+
+
+def test_pipe_entries(monkeypatch):
+    """A 4-tuple table entry (wgc, cs, ks, pipe) turns on PIPE (a define only when on, so the other
+    configs keep their kernel-cache keys); e4m3 steps drop it; candidates list it only when asked."""
+    monkeypatch.setitem(gp.SM90_TUNED, (64, 4096, 4096), (2, 1, 1, 1))
+    cfg = gp.sm90_plan(64, 4096, 4096, 33, 132)[0]
+    assert (cfg.bn, cfg.wgc, cfg.cs, cfg.ks, cfg.pipe) == (64, 2, 1, 1, 1) and ("PIPE", 1) in cfg.defines()
+    assert all(name != "PIPE" for name, _ in gp.Sm90Config(64, 2, 6, 1).defines())
+    monkeypatch.setattr(gp, "SM90_E4M3_MIN_M", 0)
+    assert gp.sm90_plan(64, 4096, 4096, 33, 132)[0].pipe == 0
+    assert gp.sm90_pipe_wgcs(64) == (1, 2) and gp.sm90_pipe_wgcs(128) == ()
+    assert not any(c.pipe for c in gp.sm90_candidates(64))
+    piped = [c for c in gp.sm90_candidates(64, pipe=True) if c.pipe]
+    assert {(c.wgc, c.ks) for c in piped} == {(1, 1), (2, 1)} and all(c.smem_bytes <= gp.SM90_SMEM for c in piped)

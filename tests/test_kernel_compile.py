@@ -10,7 +10,7 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from vllm_atom.kernels import _loader, kv_int4  # noqa: E402
 from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_SPLITS, SM90_WIDTHS, Sm90Config,  # noqa: E402
-                                         sm90_shapes, sm90_stages)
+                                         sm90_pipe_wgcs, sm90_shapes, sm90_stages)
 
 ARCHS = ["sm_80", "sm_89", "sm_90a"]
 
@@ -47,6 +47,14 @@ def test_sm90_gemm_compiles(bn, wgc, ks, cs, bf16, e4m3):
     cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks, e4m3)
     assert cfg.smem_bytes <= 227 * 1024
     assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
+
+
+@pytest.mark.parametrize("cs", SM90_SPLITS)
+@pytest.mark.parametrize("bn,wgc", [(bn, wgc) for bn in SM90_WIDTHS for wgc in sm90_pipe_wgcs(bn)])
+def test_sm90_pipe_gemm_compiles(bn, wgc, cs):
+    """The PIPE configs (two accumulator sets per warpgroup), bf16 output."""
+    cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs, pipe=1)
+    assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", 1),), "sm_90a")
 
 
 @pytest.mark.parametrize("e4m3", [0, 1])

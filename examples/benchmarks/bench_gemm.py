@@ -256,13 +256,13 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             saved = gemm_plan.SM90_TUNED.pop((bn, n, k), None)
             picked = gemm_plan.sm90_plan(m, n, k, steps, torch.cuda.get_device_properties(0).multi_processor_count,
                                          cuda_ops._cluster_slots(0))[0]
-            for c in gemm_plan.sm90_candidates(m):
+            for c in gemm_plan.sm90_candidates(m, pipe=True):
                 if (c.cs > 1 and steps < 2 * c.cs) or (sweep_ks is not None and c.ks != sweep_ks):
                     continue
-                gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs, c.ks)
+                gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs, c.ks, c.pipe)
                 us = time_us(atom_gemm, sets)
-                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_w{c.wgc}c{c.cs}" + (f"k{c.ks}" if c.ks > 1 else ""),
-                                 time_us=round(us, 3), picked=c == picked))
+                rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_w{c.wgc}c{c.cs}" + (f"k{c.ks}" if c.ks > 1 else "")
+                                 + ("p" if c.pipe else ""), time_us=round(us, 3), picked=c == picked))
             del gemm_plan.SM90_TUNED[(bn, n, k)]
             if saved:
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved
@@ -270,11 +270,11 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             width, saved = gemm_plan.sm90_width, dict(gemm_plan.SM90_TUNED)
             gemm_plan.sm90_width = lambda _m: sweep_width
             try:
-                for c in gemm_plan.sm90_candidates(m):
+                for c in gemm_plan.sm90_candidates(m, pipe=True):
                     if c.cs > 1 and steps < 2 * c.cs:
                         continue
-                    gemm_plan.SM90_TUNED[(sweep_width, n, k)] = (c.wgc, c.cs, c.ks)
-                    rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_b{c.bn}w{c.wgc}c{c.cs}k{c.ks}",
+                    gemm_plan.SM90_TUNED[(sweep_width, n, k)] = (c.wgc, c.cs, c.ks, c.pipe)
+                    rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_b{c.bn}w{c.wgc}c{c.cs}k{c.ks}" + ("p" if c.pipe else ""),
                                      time_us=round(time_us(atom_gemm, sets), 3)))
             finally:
                 gemm_plan.sm90_width = width
@@ -403,14 +403,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few shapes and sizes only")
     ap.add_argument("--all-models", action="store_true", help="also SmolLM2 and Qwen2.5 layers")
     ap.add_argument("--sweep-splits", action="store_true",
-                    help="also time every sm90 cluster split at M <= 512 (rows atom_gemm_cs<N>)")
+                    help="also time every sm90 config of M's width at M <= 256, PIPE ones too (rows "
+                    "atom_gemm_w<wgc>c<cs>[k2][p])")
     ap.add_argument("--sweep-ks", type=int, help="with --sweep-splits: only the configs with this many "
                     "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
     ap.add_argument("--sweep-stages", help="comma-separated stage caps: also time the plan's sm90 config at M <= 256 "
                     "with each (rows atom_gemm_s<stages>; as many as fit in shared memory)")
     ap.add_argument("--sweep-width", type=int, choices=gemm_plan.SM90_WIDTHS,
                     help="also time every sm90 config of this tile width (tokens per CTA) at every M "
-                    "(rows atom_gemm_b<width>w<wgc>c<cs>k<ks>; e.g. 64 at M >= 1024, where the plan takes 128)")
+                    "(rows atom_gemm_b<width>w<wgc>c<cs>k<ks>[p], p: PIPE; e.g. 64 at M >= 1024, where the plan takes 128)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()

@@ -137,6 +137,41 @@ def test_every_cluster_split(m, wgc, ks, cs, monkeypatch, variant):
     check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
 
 
+@pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
+@pytest.mark.parametrize("m,wgc", [(m, wgc) for m in (1, 16, 33, 64)
+                                   for wgc in gemm_plan.sm90_pipe_wgcs(gemm_plan.sm90_width(m))])
+def test_pipe_configs(m, wgc, cs, monkeypatch, variant):
+    """PIPE (two accumulator sets, a step's MMAs in flight while the one before is folded) for
+    every warpgroup count and cluster split it compiles for: the same sums as without it."""
+    n, k = SHAPES["llama2-7b-down"]
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), (wgc, cs, 1, 1))
+    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0].pipe == int(variant != "e4m3")
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs)
+
+
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 1), (2, 2, 1, 1), (2, 8, 1, 1)])
+@pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
+@pytest.mark.parametrize("m", [1, 40])
+def test_pipe_few_steps(m, shape, cfg, monkeypatch, variant):
+    """PIPE where a cluster rank has no step, one (only the drain) or two (K = 144, 256, 576:
+    2 to 5 steps)."""
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cfg[1])
+
+
 @pytest.mark.parametrize("cfg", [(2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 8, 2)])
 @pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
 @pytest.mark.parametrize("m", [1, 9])

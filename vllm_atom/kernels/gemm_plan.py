@@ -57,7 +57,9 @@ class Sm90Config(NamedTuple):
     """bn: tokens per CTA (the wgmma N); wgc: consumer warpgroups; stages: shared-memory pipeline
     depth; cs: CTAs per cluster splitting the K steps; ks: consumer warpgroups per 64-row slab
     (2: they take alternate steps, a K split inside the CTA). A tile is wgc / ks slabs.
-    e4m3: the INT4 groups on e4m3 wgmma (activations quantized with e4m3 bytes, `sm90_e4m3`)."""
+    e4m3: the INT4 groups on e4m3 wgmma (activations quantized with e4m3 bytes, `sm90_e4m3`).
+    pipe: each warpgroup keeps a step's MMAs in flight while it folds the previous step (two
+    accumulator sets; ks = 1, s8 only; up to `SM90_PIPE_MAX_WGC`)."""
 
     bn: int
     wgc: int
@@ -65,6 +67,7 @@ class Sm90Config(NamedTuple):
     cs: int
     ks: int = 1
     e4m3: int = 0
+    pipe: int = 0
 
     @property
     def slabs(self) -> int:
@@ -80,7 +83,7 @@ class Sm90Config(NamedTuple):
 
     def defines(self) -> tuple[tuple[str, int], ...]:
         return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs), ("KS", self.ks),
-                ("E4M3", self.e4m3))
+                ("E4M3", self.e4m3)) + ((("PIPE", 1),) if self.pipe else ())
 
     @property
     def stage_bytes(self) -> int:
@@ -109,8 +112,12 @@ SM90_E4M3_MIN_M = int(os.environ.get("VLLM_ATOM_E4M3_MIN_M", str(SM90_E4M3_OFF))
 BATCH_INVARIANT = os.environ.get("VLLM_ATOM_BATCH_INVARIANT", "0") == "1"
 SM90_SPLITS = (1, 2, 4, 8)
 # Consumer warpgroups a width can have: the accumulators of a warpgroup grow with the width and
-# more warpgroups leave fewer registers each (cuda/w4a4_sm90.cu, CONSUMER_REGS); past these ptxas spills.
-SM90_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 3, 128: 2}
+# more warpgroups leave fewer registers each (cuda/w4a4_sm90.cu, CONSUMER_REGS); past these ptxas
+# spills inside the step loop (nvcc 13.0, sm_90a): one warpgroup per slab, two per slab, and with
+# PIPE (two accumulator sets and two steps' weight fragments per thread).
+SM90_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 4, 128: 2}
+SM90_KS2_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 2}
+SM90_PIPE_MAX_WGC = {8: 4, 16: 3, 32: 3, 64: 2}
 
 
 def sm90_wgcs(bn: int) -> tuple[int, ...]:
@@ -121,8 +128,14 @@ def sm90_wgcs(bn: int) -> tuple[int, ...]:
 
 def sm90_shapes(bn: int) -> tuple[tuple[int, int], ...]:
     """(wgc, ks) pairs the kernel compiles for width ``bn``: every warpgroup count of `sm90_wgcs`
-    with one warpgroup per slab, and the even ones up to width 64 also with two per slab."""
-    return tuple((wgc, ks) for wgc in sm90_wgcs(bn) for ks in (1, 2) if ks == 1 or (wgc % 2 == 0 and bn <= 64))
+    with one warpgroup per slab, and the even ones up to `SM90_KS2_MAX_WGC` also with two per slab."""
+    return tuple((wgc, ks) for wgc in sm90_wgcs(bn) for ks in (1, 2)
+                 if ks == 1 or (wgc % 2 == 0 and wgc <= SM90_KS2_MAX_WGC.get(bn, 0)))
+
+
+def sm90_pipe_wgcs(bn: int) -> tuple[int, ...]:
+    """The warpgroup counts (one per slab) the kernel also compiles with PIPE for width ``bn``."""
+    return tuple(w for w in sm90_wgcs(bn) if w <= SM90_PIPE_MAX_WGC.get(bn, 0))
 
 
 def sm90_e4m3(m: int) -> bool:
@@ -154,7 +167,7 @@ def sm90_stages(bn: int, wgc: int = 2, ks: int = 1) -> int:
 # warpgroups per slab, KS = 2) where one `--sweep-splits --sweep-ks 2` run had them >= 3 % faster than
 # that pick (results/gemm-sweep-ks2-h200.json, v3.5). Llama-2-7B / Llama-3-8B / Llama-2-70B layers at
 # TP=1; other shapes and widths use the model below.
-SM90_TUNED: dict[tuple[int, int, int], tuple[int, ...]] = {  # (bn, N, K): (wgc, cs[, ks])
+SM90_TUNED: dict[tuple[int, int, int], tuple[int, ...]] = {  # (bn, N, K): (wgc, cs[, ks[, pipe]])
     (8, 4096, 4096): (2, 2, 2), (8, 4096, 11008): (1, 2), (8, 4096, 14336): (1, 2), (8, 6144, 4096): (4, 4),
     (8, 8192, 8192): (2, 2), (8, 8192, 28672): (2, 2), (8, 10240, 8192): (3, 2), (8, 12288, 4096): (3, 2),
     (8, 22016, 4096): (3, 1), (8, 28672, 4096): (4, 1), (8, 57344, 8192): (4, 1),
@@ -188,10 +201,14 @@ def sm90_cost(m: int, n: int, steps: int, cfg: "Sm90Config", slots: int) -> floa
     return max(stream, compute) + waves * _CTA_US
 
 
-def sm90_candidates(m: int) -> list[Sm90Config]:
+def sm90_candidates(m: int, pipe: bool = False) -> list[Sm90Config]:
+    """Every config of M's width (with ``pipe``, also the PIPE ones after them)."""
     bn = sm90_width(m)
-    return [Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks) for wgc, ks in sm90_shapes(bn)
-            for cs in SM90_SPLITS]
+    out = [Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks) for wgc, ks in sm90_shapes(bn)
+           for cs in SM90_SPLITS]
+    if pipe:
+        out += [Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs, pipe=1) for wgc in sm90_pipe_wgcs(bn) for cs in SM90_SPLITS]
+    return out
 
 
 def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
@@ -203,8 +220,8 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     slots = slots or {cs: sms for cs in SM90_SPLITS}
     tuned = SM90_TUNED.get((bn, n, k))
     if tuned:
-        wgc, cs, ks = (*tuned, 1)[:3]
-        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
+        wgc, cs, ks, pipe = tuned + (1, 0)[len(tuned) - 2:]
+        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks, pipe=pipe)
     else:
         # (the model was fitted to one and two warpgroups, one per slab; the rest only from the table)
         ok = [c for c in sm90_candidates(m) if c.wgc <= 2 and c.ks == 1 and (c.cs == 1 or steps >= 2 * c.cs)]
@@ -214,8 +231,10 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     if BATCH_INVARIANT:
         # the sum order depends only on (cs, ks): the M = 1 pick's cluster split, one warpgroup per slab
         cs = cfg.cs if m == 1 else sm90_plan(1, n, k, steps, sms, slots)[0].cs
-        cfg = cfg._replace(cs=cs, ks=1, stages=sm90_stages(cfg.bn, cfg.wgc, 1))
+        cfg = cfg._replace(cs=cs, ks=1, stages=sm90_stages(cfg.bn, cfg.wgc, 1))  # (pipe keeps the order)
     cfg = cfg._replace(e4m3=int(sm90_e4m3(m)))
+    if cfg.e4m3:
+        cfg = cfg._replace(pipe=0)  # (PIPE is written for the s8 steps only)
     return cfg, math.ceil(steps / cfg.cs)
 
 
