@@ -19,7 +19,10 @@ def test_sm90_plan_is_valid(m, n, k):
     steps = (k - 128) // 128 + 1 if k > 256 else k // 128
     cfg, per_split = gp.sm90_plan(m, n, k, steps, 132)
     assert cfg.bn in gp.SM90_WIDTHS and cfg.cs in gp.SM90_SPLITS
-    assert cfg.bn >= min(m, 128) and (cfg.bn == 8 or cfg.bn // 2 < m)  # the narrowest width that holds M
+    if m >= gp.SM90_B64_MIN_M:  # the large-M rule's 64 x 256 tiles
+        assert (cfg.bn, cfg.wgc) == (64, gp.SM90_B64_WGC)
+    else:  # the narrowest width that holds M
+        assert cfg.bn >= min(m, 128) and (cfg.bn == 8 or cfg.bn // 2 < m)
     assert cfg.rows % (2 * cfg.cs) == 0 and cfg.smem_bytes <= gp.SM90_SMEM
     assert per_split * cfg.cs >= steps and per_split * (cfg.cs - 1) < steps  # every rank has work
     assert cfg in gp.sm90_configs(n, k, steps, 132, max_m=max(m, 128))
@@ -99,3 +102,15 @@ def test_pipe_entries(monkeypatch):
     assert not any(c.pipe for c in gp.sm90_candidates(64))
     piped = [c for c in gp.sm90_candidates(64, pipe=True) if c.pipe]
     assert {(c.wgc, c.ks) for c in piped} == {(1, 1), (2, 1)} and all(c.smem_bytes <= gp.SM90_SMEM for c in piped)
+
+
+def test_b64_tiles_from_the_large_m_rule(monkeypatch):
+    """From SM90_B64_MIN_M tokens on (no table entry) the plan takes 64 x 256 tiles, one cluster
+    rank; below it the widest width; sm90_configs lists it for compiling up front."""
+    cut = gp.SM90_B64_MIN_M
+    below = gp.sm90_plan(cut - 1, 4096, 4096, 33, 132)[0]
+    at = gp.sm90_plan(cut, 4096, 4096, 33, 132)[0]
+    assert below.bn == 128 and (at.bn, at.wgc, at.cs, at.ks, at.rows) == (64, 4, 1, 1, 256)
+    assert at.smem_bytes <= gp.SM90_SMEM and at in gp.sm90_configs(4096, 4096, 33, 132, max_m=2 * cut)
+    monkeypatch.setitem(gp.SM90_TUNED, (128, 4096, 4096), (2, 1))
+    assert gp.sm90_plan(cut, 4096, 4096, 33, 132)[0].bn == 128

@@ -155,6 +155,23 @@ def test_pipe_configs(m, wgc, cs, monkeypatch, variant):
     check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs)
 
 
+@pytest.mark.parametrize("m", [129, 1100])
+@pytest.mark.parametrize("shape", ["llama2-7b-o", "odd-144", "qwen2.5-1.5b-down"])
+def test_b64_tiles_at_large_m(m, shape, monkeypatch, variant):
+    """The large-M rule's 64-token x 256-row tiles (four consumer warpgroups), forced from M = 1:
+    partial last tiles in both directions (odd-144: N = 8, a part of one slab of four)."""
+    monkeypatch.setattr(gemm_plan, "SM90_B64_MIN_M", 1)
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == (64, gemm_plan.SM90_B64_WGC)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], 1)
+
+
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 1), (2, 2, 1, 1), (2, 8, 1, 1)])
 @pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
 @pytest.mark.parametrize("m", [1, 40])

@@ -6,7 +6,8 @@ Two kernels:
   `gemm_plan`.
 - ``cuda/w4a4_sm90.cu`` (wgmma, sm_90a): `Sm90Config` picked by M (tokens are the wgmma N
   side, so the tile is as wide as the batch), with a cluster split of the K steps chosen by
-  `sm90_plan`: the measured entries of `SM90_TUNED` first, else a wave model; from
+  `sm90_plan`: the measured entries of `SM90_TUNED` first, else from `SM90_B64_MIN_M` tokens on
+  tiles of 64 tokens x 256 rows, else a wave model; from
   `SM90_E4M3_MIN_M` tokens on (off by default), the INT4 groups run on e4m3 wgmma (`sm90_e4m3`),
   which the activation quantization must know too (it writes e4m3 bytes then).
 """
@@ -148,6 +149,13 @@ def sm90_width(m: int) -> int:
     return next((w for w in SM90_WIDTHS if m <= w), SM90_WIDTHS[-1])
 
 
+# From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
+# consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster at
+# M >= 4096 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
+# VLLM_ATOM_SM90_B64_MIN_M sets it (2^62: off).
+SM90_B64_WGC = 4
+SM90_B64_MIN_M = int(os.environ.get("VLLM_ATOM_SM90_B64_MIN_M", "2048"))
+
 SM90_MAX_STAGES: int | None = None  # a cap for every config instead of 12 / 16 (bench_gemm --sweep-stages)
 
 
@@ -222,6 +230,8 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     if tuned:
         wgc, cs, ks, pipe = tuned + (1, 0)[len(tuned) - 2:]
         cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks, pipe=pipe)
+    elif bn == SM90_WIDTHS[-1] and m >= SM90_B64_MIN_M:
+        cfg = Sm90Config(64, SM90_B64_WGC, sm90_stages(64, SM90_B64_WGC), 1)
     else:
         # (the model was fitted to one and two warpgroups, one per slab; the rest only from the table)
         ok = [c for c in sm90_candidates(m) if c.wgc <= 2 and c.ks == 1 and (c.cs == 1 or steps >= 2 * c.cs)]
@@ -242,7 +252,7 @@ def sm90_configs(n: int, k: int, steps: int, sms: int, slots: dict[int, int] | N
                  max_m: int = 1 << 16) -> set[Sm90Config]:
     """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front)."""
     bn = SM90_WIDTHS[-1]
-    ms = set(range(1, bn + 1)) | {SM90_E4M3_MIN_M}  # (the e4m3 rule may cut inside a tile count)
+    ms = set(range(1, bn + 1)) | {SM90_E4M3_MIN_M, SM90_B64_MIN_M}  # (the rules may cut inside a tile count)
     for tiles_m in range(2, math.ceil(max_m / bn) + 1):
         ms |= {(tiles_m - 1) * bn + 1, tiles_m * bn}
     return {sm90_plan(m, n, k, steps, sms, slots)[0] for m in ms if 0 < m <= max(max_m, bn)}
