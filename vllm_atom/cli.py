@@ -69,7 +69,7 @@ def _quantize(args) -> int:
     cfg = AtomConfig(n_outliers=args.n_outliers, row_shards=args.row_shards,
                      kv_bits=None if args.kv_bits == 16 else args.kv_bits,
                      a_clip=args.a_clip, w_clip=args.w_clip, kv_smooth=args.kv_smooth,
-                     kv_rotate_k=args.kv_rotate_k,
+                     kv_rotate_k=args.kv_rotate_k, kv_center_k=args.kv_center_k and args.kv_bits == 4,
                      kv_skip_layers=skip, rotation=args.seed if args.rotate else None)
     opts = QuantizeOptions(nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                            metric=args.metric, gptq=not args.no_gptq, damp=args.damp,
@@ -167,6 +167,10 @@ def build_parser() -> Parser:
     q.add_argument("--kv-rotate-k", action=argparse.BooleanOptionalAction, default=True,
                    help="store INT4 keys in a per-head Hadamard basis (queries rotated to match; "
                         "AtomConfig.kv_rotate_k)")
+    q.add_argument("--kv-center-k", action=argparse.BooleanOptionalAction, default=False,
+                   help="store INT4 keys minus their calibration mean per (kv head, channel) "
+                        "(AtomConfig.kv_center_k; `vllm-atom eval` simulates it, `vllm serve` does not "
+                        "run it yet)")
     q.add_argument("--kv-skip-layers", type=_kv_skip_arg, default="",
                    help="comma list of layers whose KV cache stays 16-bit (serve with vLLM's "
                         "--kv-cache-dtype-skip-layers), e.g. 0,1; 'auto' (or auto=THRESHOLD) "

@@ -43,6 +43,13 @@ class AtomConfig:
             a large channel is spread over the whole head instead of stretching its token's
             INT4 range. V is not rotated. Runtime numerics: the cache write, the attention
             kernels and the simulation all follow it. Checkpoints that predate it: False.
+        kv_center_k: INT4 keys stored minus a per-layer center, the calibration mean of the
+            post-RoPE key of each (kv head, channel), tensor ``model.layers.{i}.self_attn.k_center``
+            (`vllm_atom.format`): a constant taken from every key of a head adds the same
+            -q . center to every logit of a query, which softmax removes, while the INT4 range no
+            longer spans a channel's offset. Simulation (`vllm-atom eval`) only so far: the
+            serving cache write does not subtract it yet, so `vllm serve` refuses these
+            checkpoints. Checkpoints that predate it: False.
         kv_skip_layers: decoder layers whose KV cache stays 16-bit when kv_bits is 4 (vLLM:
             ``--kv-cache-dtype-skip-layers``). For models whose keys carry huge biases in a
             few layers (Qwen2.5: layers 0 and 1), where per-token INT4 keys fail.
@@ -64,6 +71,7 @@ class AtomConfig:
     kv_bits: int | None = 4
     kv_smooth: float = 0.5
     kv_rotate_k: bool = True
+    kv_center_k: bool = False
     kv_skip_layers: tuple[int, ...] = ()
     row_shards: int = 1
     rotation: int | None = None
@@ -84,6 +92,8 @@ class AtomConfig:
         _check(isinstance(self.kv_smooth, (int, float)) and not isinstance(self.kv_smooth, bool)
                and 0.0 <= self.kv_smooth <= 1.0, "kv_smooth", self.kv_smooth, "a number in [0, 1]")
         _check(isinstance(self.kv_rotate_k, bool), "kv_rotate_k", self.kv_rotate_k, "true or false")
+        _check(isinstance(self.kv_center_k, bool) and (not self.kv_center_k or self.kv_bits == 4), "kv_center_k",
+               self.kv_center_k, "true or false (true only with kv_bits 4)")
         skip = self.kv_skip_layers
         _check(isinstance(skip, (list, tuple)) and all(_is_int(i) and i >= 0 for i in skip),
                "kv_skip_layers", skip, "a list of layer indices")
@@ -138,6 +148,7 @@ class AtomConfig:
         fields = {k: v for k, v in d.items() if k in known}
         fields.setdefault("kv_smooth", 0.0)  # written before key smoothing existed
         fields.setdefault("kv_rotate_k", False)  # written before the key rotation existed
+        fields.setdefault("kv_center_k", False)  # written before the key centering existed
         return cls(**fields)
 
 

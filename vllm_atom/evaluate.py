@@ -33,8 +33,8 @@ import torch
 from vllm_atom import reference as ref
 from vllm_atom.checkpoint import is_atom_checkpoint, load_checkpoint
 from vllm_atom.config import AtomConfig
-from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
-                              check_linear_tensors, linear_layout, split_shards)
+from vllm_atom.format import (KEY_CENTER, LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
+                              check_key_center, check_linear_tensors, linear_layout, split_shards)
 from vllm_atom.inputs import InputError, check_supported, read_model_config
 from vllm_atom.simulate import (ActScheme, SimLinear, SimState, fake_quantize_weight, set_kv_bits,
                                 use_sim_attention, wrap_linears)
@@ -97,14 +97,18 @@ class SimModel:
         self.kv: dict[str, Optional[int]] = {}
         self.kv_skip: dict[str, tuple] = {}
         self.kv_rotate_k: dict[str, bool] = {}
+        self.kv_center: dict[str, Optional[list]] = {}
         self.has_fp_weights = True
 
     def add_method(self, method: str, states: Optional[list], kv_bits: Optional[int] = None,
-                   kv_skip_layers: Sequence[int] = (), kv_rotate_k: bool = False) -> None:
+                   kv_skip_layers: Sequence[int] = (), kv_rotate_k: bool = False,
+                   kv_center: Optional[list] = None) -> None:
+        """kv_center: per layer the key center (fp32 [kv_heads, head_dim]) or None, or None."""
         self.states[method] = states
         self.kv[method] = kv_bits
         self.kv_skip[method] = tuple(kv_skip_layers)
         self.kv_rotate_k[method] = kv_rotate_k
+        self.kv_center[method] = kv_center
 
     def activate(self, method: str) -> None:
         states = self.states[method]
@@ -113,7 +117,8 @@ class SimModel:
                 lin.state = None if states is None else states[i][m]
         for i, layer in enumerate(self.layers):
             kv = None if i in self.kv_skip[method] else self.kv[method]
-            set_kv_bits([layer.self_attn], kv, self.io_dtype, self.kv_rotate_k[method])
+            center = self.kv_center[method][i] if self.kv_center[method] else None
+            set_kv_bits([layer.self_attn], kv, self.io_dtype, self.kv_rotate_k[method], center)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,25 @@ def load_model(path, device="cpu"):
 
 def checkpoint_states(sim: SimModel, ckpt_dir, device="cpu") -> tuple[AtomConfig, list]:
     """Per-layer SimStates holding the checkpoint's weights, exactly as stored."""
+    cfg, states, _ = checkpoint_model(sim, ckpt_dir, device)
+    return cfg, states
+
+
+def checkpoint_model(sim: SimModel, ckpt_dir, device="cpu") -> tuple[AtomConfig, list, Optional[list]]:
+    """(config, `checkpoint_states`, per-layer key centers: fp32 [kv_heads, head_dim] for the
+    INT4-KV layers of a ``kv_center_k`` checkpoint, else None; None without kv_center_k)."""
     cfg, _, tensors = load_checkpoint(ckpt_dir)
+    centers = None
+    if cfg.kv_center_k:
+        centers = []
+        for i, layer in enumerate(sim.layers):
+            if cfg.kv_bits_for(i) != 4:
+                centers.append(None)
+                continue
+            name = f"{LAYERS_PREFIX}.{i}.{KEY_CENTER}"
+            d = layer.self_attn.head_dim
+            check_key_center(name, tensors.get(name), sim.linears[i]["k_proj"].out_features // d, d)
+            centers.append(tensors[name].to(device))
     states = []
     for i, lins in enumerate(sim.linears):
         layer_states = {}
@@ -171,7 +194,7 @@ def checkpoint_states(sim: SimModel, ckpt_dir, device="cpu") -> tuple[AtomConfig
             layer_states[m] = SimState(act, torch.cat(parts, 1).to(device),
                                        None if bias is None else bias.to(device, torch.float32))
         states.append(layer_states)
-    return cfg, states
+    return cfg, states, centers
 
 
 def ladder_states(sim: SimModel, method: str, atom_states: Optional[list], cfg: Optional[AtomConfig]):
@@ -262,7 +285,7 @@ def choose_methods(methods: Optional[Sequence[str]], ckpt_only: bool, cfg: Optio
 
 
 def add_methods(sim: SimModel, methods: Sequence[str], ckpt_only: bool, cfg: Optional[AtomConfig],
-                atom: Optional[list]) -> None:
+                atom: Optional[list], centers: Optional[list] = None) -> None:
     """Give ``sim`` the states of each method (``fp16`` as well, the reference for KL and
     top-1, unless the model is a checkpoint)."""
     if not ckpt_only:
@@ -271,7 +294,7 @@ def add_methods(sim: SimModel, methods: Sequence[str], ckpt_only: bool, cfg: Opt
         if m == "atom":
             sim.add_method(m, atom)
         elif m == "atom-kv4":
-            sim.add_method(m, atom, 4, cfg.kv_skip_layers, cfg.kv_rotate_k)
+            sim.add_method(m, atom, 4, cfg.kv_skip_layers, cfg.kv_rotate_k, centers)
         elif m != "fp16":
             sim.add_method(m, ladder_states(sim, m, atom, cfg))
 
@@ -341,6 +364,7 @@ def result_rows(sim: SimModel, methods: Sequence[str], acc: dict, n_pred: int, c
             "kv_bits": sim.kv[m],
             **({"kv_skip_layers": list(sim.kv_skip[m])} if sim.kv_skip[m] else {}),
             **({"kv_rotate_k": True} if sim.kv[m] == 4 and sim.kv_rotate_k[m] else {}),
+            **({"kv_center_k": True} if sim.kv[m] == 4 and sim.kv_center[m] else {}),
             "pipeline": pipeline,
             "seconds_total": seconds,
             "window_nll": a["window_nll"],
@@ -374,11 +398,11 @@ def evaluate(model_path, text, seqlen: int = 2048, max_tokens: Optional[int] = N
                                               pipeline)
     model, io_dtype = load_model(model_path, device)
     sim = SimModel(model, io_dtype)
-    cfg = atom = None
+    cfg = atom = centers = None
     if checkpoint is not None:
-        cfg, atom = checkpoint_states(sim, checkpoint, device)
+        cfg, atom, centers = checkpoint_model(sim, checkpoint, device)
     methods = choose_methods(methods, ckpt_only, cfg, atom)
-    add_methods(sim, methods, ckpt_only, cfg, atom)
+    add_methods(sim, methods, ckpt_only, cfg, atom, centers)
     if pipeline == "16bit":
         model.to(io_dtype)
 

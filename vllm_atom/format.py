@@ -22,6 +22,11 @@ has one, Qwen2 q/k/v)       dtype                        (``kv_smooth``), v as i
 q_proj / k_proj weights and biases carry the key smoothing the quantizer folds in
 (`vllm_atom.quantize.smooth`): q . k is unchanged, so readers need not undo it.
 
+With ``AtomConfig.kv_center_k``, every decoder layer i whose KV cache is INT4 (not in
+``kv_skip_layers``) also has ``model.layers.{i}.self_attn.k_center``, float32 [kv_heads,
+head_dim]: subtracted from each post-RoPE key (before the rotation of ``kv_rotate_k``) when it
+is written to the INT4 cache (`vllm_atom.quantize.key_center`; `reference.fake_quantize_kv`).
+
 Symbols: K input channels, N output channels, G = group_size (128), S = row shards
 (``AtomConfig.row_shards`` for o_proj / down_proj, 1 for every other linear), Ks = K / S
 the channels of one shard, Os = ``AtomConfig.outliers_for(Ks)`` its outlier count
@@ -70,6 +75,9 @@ W_OUTLIER = "w_outlier"
 W_OUTLIER_SCALE = "w_outlier_scale"
 REORDER_INDEX = "reorder_index"
 TENSOR_SUFFIXES = (QWEIGHT, W_SCALE, W_OUTLIER, W_OUTLIER_SCALE, REORDER_INDEX)
+
+# Per decoder layer with kv_center_k: the key center, float32 [kv_heads, head_dim].
+KEY_CENTER = "self_attn.k_center"
 
 # Linear layers of Llama-family and Qwen2 decoders that Atom quantizes.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,6 +173,18 @@ def check_linear_tensors(prefix: str, tensors: Mapping[str, torch.Tensor], layou
             raise CheckpointFormatError(
                 f"{name}: expected {_describe(spec)}, got {_describe(TensorSpec(tuple(t.shape), t.dtype))}")
     check_reorder_index(f"{prefix}.{REORDER_INDEX}", tensors[f"{prefix}.{REORDER_INDEX}"], layout)
+
+
+def check_key_center(name: str, t: torch.Tensor | None, kv_heads: int, head_dim: int) -> None:
+    """CheckpointFormatError naming ``name`` unless t is float32 [kv_heads, head_dim] and finite."""
+    if t is None:
+        raise CheckpointFormatError(f"{name}: missing (the checkpoint has kv_center_k: every INT4-KV layer needs "
+                                    f"float32 [{kv_heads}, {head_dim}])")
+    if t.dtype != torch.float32 or tuple(t.shape) != (kv_heads, head_dim):
+        raise CheckpointFormatError(f"{name}: expected float32 [{kv_heads}, {head_dim}], got "
+                                    f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise CheckpointFormatError(f"{name}: not finite")
 
 
 def check_reorder_index(name: str, index: torch.Tensor, layout: LinearLayout) -> None:

@@ -239,16 +239,25 @@ def dequantize_kv(kv: QuantizedKV) -> torch.Tensor:
     return kv.q.float() * kv.scale.float()[..., None] + kv.zero.float()[..., None]
 
 
-def fake_quantize_kv(x: torch.Tensor, rotate: bool = False) -> torch.Tensor:
+def fake_quantize_kv(x: torch.Tensor, rotate: bool = False, center: torch.Tensor | None = None) -> torch.Tensor:
     """x -> dequantize_kv(quantize_kv(x)) in x.dtype.
 
     rotate: quantize in the Hadamard basis and rotate back, ``hadamard_rotate(dq(q(hadamard_rotate(x))))``:
     what attention computes over a key cache written with ``rotate_k`` (where the query is rotated
     instead, and rounded to its 16-bit dtype, which this form leaves out).
+    center: a key center broadcastable to x ([..., D], `AtomConfig.kv_center_k`): x - center
+    (fp32) is what is quantized (and rotated), and center is added back after dequantizing. A
+    cache of keys minus a per-(head, channel) constant gives every key of a query the same
+    extra logit -q . center, which softmax removes: attention over fq(x - c) + c is attention
+    over a cache that stores fq(x - c) alone.
     """
-    if not rotate:
-        return dequantize_kv(quantize_kv(x)).to(x.dtype)
-    return hadamard_rotate(dequantize_kv(quantize_kv(hadamard_rotate(x)))).to(x.dtype)
+    if center is None:
+        y = x.float()
+    else:
+        c = center.float()
+        y = x.float() - c
+    y = hadamard_rotate(dequantize_kv(quantize_kv(hadamard_rotate(y)))) if rotate else dequantize_kv(quantize_kv(y))
+    return (y if center is None else y + c).to(x.dtype)
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:

@@ -171,9 +171,14 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, keep: bool) ->
 def _atom_sim_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    observer = getattr(module, "atom_key_observer", None)
+    if observer is not None:  # key [batch, kv heads, tokens, head_dim], after RoPE
+        observer(key)
     if getattr(module, "atom_kv_bits", None) == 4:
         dt = getattr(module, "atom_io_dtype", torch.float16)
-        key = ref.fake_quantize_kv(key.to(dt), getattr(module, "atom_kv_rotate_k", False)).to(query.dtype)
+        center = getattr(module, "atom_k_center", None)
+        key = ref.fake_quantize_kv(key.to(dt), getattr(module, "atom_kv_rotate_k", False),
+                                   None if center is None else center[None, :, None, :]).to(query.dtype)
         value = ref.fake_quantize_kv(value.to(dt)).to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -186,10 +191,13 @@ def use_sim_attention(model: nn.Module) -> None:
     model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def set_kv_bits(attn_modules, kv_bits: Optional[int], io_dtype: torch.dtype, rotate_k: bool = False) -> None:
+def set_kv_bits(attn_modules, kv_bits: Optional[int], io_dtype: torch.dtype, rotate_k: bool = False,
+                k_center: Optional[torch.Tensor] = None) -> None:
     """Turn KV4 on (4) or off (None) for these attention modules; rotate_k: keys quantized in the
-    Hadamard basis (`AtomConfig.kv_rotate_k`)."""
+    Hadamard basis (`AtomConfig.kv_rotate_k`); k_center: fp32 [kv_heads, head_dim] subtracted from
+    the keys before they are quantized (`AtomConfig.kv_center_k`), or None."""
     for m in attn_modules:
         m.atom_kv_bits = kv_bits
         m.atom_io_dtype = io_dtype
         m.atom_kv_rotate_k = rotate_k
+        m.atom_k_center = k_center

@@ -27,19 +27,21 @@ DEFAULT_KV_SKIP_THRESHOLD = 0.5
 
 
 def kv4_attention_error(layer: nn.Module, inps: torch.Tensor, kwargs: dict, io_dtype: torch.dtype,
-                        max_samples: int = 8, rotate_k: bool = False) -> float:
+                        max_samples: int = 8, rotate_k: bool = False,
+                        k_center: torch.Tensor | None = None) -> float:
     """Relative L2 error of ``layer.self_attn``'s output with INT4 K/V (see module doc).
 
     layer: a decoder layer in fp32 whose attention runs through the simulation's attention
     (`use_sim_attention`), with its linears unquantized; inps: [n, seqlen, hidden] layer
     inputs (the first ``max_samples`` are used); kwargs: the layer's other arguments; rotate_k:
-    INT4 keys in the Hadamard basis (`AtomConfig.kv_rotate_k`).
+    INT4 keys in the Hadamard basis (`AtomConfig.kv_rotate_k`); k_center: the keys' center
+    (`AtomConfig.kv_center_k`), fp32 [kv_heads, head_dim], or None.
     """
     attn = layer.self_attn
     acc = {"err": 0.0, "ref": 0.0}
 
     def hook(module, args, kw, out):
-        set_kv_bits([module], 4, io_dtype, rotate_k)
+        set_kv_bits([module], 4, io_dtype, rotate_k, k_center)
         try:
             o4 = module.forward(*args, **kw)
         finally:

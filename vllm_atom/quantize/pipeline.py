@@ -41,11 +41,12 @@ from tqdm.auto import tqdm
 from vllm_atom import reference as ref
 from vllm_atom.checkpoint import CheckpointWriter
 from vllm_atom.config import AtomConfig
-from vllm_atom.format import (LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
+from vllm_atom.format import (KEY_CENTER, LAYERS_PREFIX, LINEAR_PATHS, QUANTIZED_LINEARS, ROW_PARALLEL_LINEARS,
                               check_linear_tensors, join_shards, linear_layout)
 from vllm_atom.inputs import InputError, check_supported, read_model_config
 from vllm_atom.quantize.calibration import ChannelStats, HessianAccumulator
 from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
+from vllm_atom.quantize.key_center import KeyMean
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
 from vllm_atom.quantize.rotate import rotate_model
@@ -214,10 +215,13 @@ def layer_on_device(layer_cpu: nn.Module, device: torch.device,
 
 
 def calibrate(layer: nn.Module, lin: dict[str, SimLinear], inps: torch.Tensor, kwargs: dict,
-              cfg: AtomConfig, opts: QuantizeOptions, io_dtype: torch.dtype) -> dict[str, ChannelStats]:
+              cfg: AtomConfig, opts: QuantizeOptions, io_dtype: torch.dtype,
+              center_keys: bool = False) -> tuple[dict[str, ChannelStats], Optional[torch.Tensor]]:
     """Phase 1, unquantized layer with 16-bit KV: the salience of each input, by input group
     (`ChannelStats.value`: float64 [K]); with ``cfg.kv_smooth``, also the key channel-pair
-    maxima, whose smoothing is folded into q/k (their biases rounded to the model dtype).
+    maxima, whose smoothing is folded into q/k (their biases rounded to the model dtype); with
+    ``center_keys``, the key center (`key_center`: fp32 [kv_heads, head_dim], the mean post-RoPE
+    key of the smoothed layer), else None.
 
     inps: [n, seqlen, hidden] layer inputs in io_dtype; kwargs: the layer's other arguments.
     """
@@ -231,31 +235,43 @@ def calibrate(layer: nn.Module, lin: dict[str, SimLinear], inps: torch.Tensor, k
         d = layer.self_attn.head_dim
         keys = KeyPairMax(lin["k_proj"].out_features // d, d, dev)
         hook = lin["k_proj"].register_forward_hook(lambda mod, inp, out: keys.add(out))
+    mean = None
+    if center_keys:
+        d = layer.self_attn.head_dim
+        mean = KeyMean(lin["k_proj"].out_features // d, d, dev)
+        layer.self_attn.atom_key_observer = mean.add
     set_kv_bits([layer.self_attn], None, io_dtype)
-    run_layer(layer, inps, kwargs, keep=False)
+    try:
+        run_layer(layer, inps, kwargs, keep=False)
+    finally:
+        layer.self_attn.atom_key_observer = None
+    center = None if mean is None else mean.value
     if keys is not None:
         hook.remove()
-        fold_key_smoothing(lin["q_proj"], lin["k_proj"], smoothing_factors(keys.value, cfg.kv_smooth))
+        lam = smoothing_factors(keys.value, cfg.kv_smooth)
+        fold_key_smoothing(lin["q_proj"], lin["k_proj"], lam)
         for m in ("q_proj", "k_proj"):  # the checkpoint stores biases in the model dtype
             if lin[m].bias is not None:
                 lin[m].bias.data = lin[m].bias.data.to(io_dtype).float()
+        if center is not None:  # smoothing divides each rotary pair by one factor, so its mean too
+            center = center / lam.to(center)
     for g in groups:
         lin[g].observer = None  # the salience is complete
-    return stats
+    return stats, center
 
 
 def choose_kv_bits(layer: nn.Module, inps: torch.Tensor, kwargs: dict, opts: QuantizeOptions,
               io_dtype: torch.dtype, prefix: str, kv_bits: Optional[int],
-              rotate_k: bool = False) -> tuple[Optional[int], Optional[float]]:
+              rotate_k: bool = False, k_center: Optional[torch.Tensor] = None) -> tuple[Optional[int], Optional[float]]:
     """Phase 1, with INT4 KV: (the KV bits to use, `kv4_attention_error`, keys rotated as
-    ``rotate_k`` says). The bits become None (16-bit) if the error is over
+    ``rotate_k`` says, centered by ``k_center``). The bits become None (16-bit) if the error is over
     ``opts.kv_skip_threshold``; the error is None unless ``kv_bits`` is 4.
 
     layer: after `calibrate` (smoothed, unquantized); inps: [n, seqlen, hidden] in io_dtype.
     """
     if kv_bits != 4:
         return kv_bits, None
-    kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype, rotate_k=rotate_k)
+    kv4_error = kv4_attention_error(layer, inps, kwargs, io_dtype, rotate_k=rotate_k, k_center=k_center)
     if opts.kv_skip_threshold is not None and kv4_error > opts.kv_skip_threshold:
         log.info("%s: INT4 KV attention error %.3f > %.3f, KV cache kept 16-bit", prefix,
                  kv4_error, opts.kv_skip_threshold)
@@ -280,10 +296,12 @@ def reorder(lin: dict[str, SimLinear], stats: dict[str, ChannelStats], cfg: Atom
 
 def gptq_hessians(layer: nn.Module, lin: dict[str, SimLinear], scheme: dict[str, ActScheme],
                   inps: torch.Tensor, kwargs: dict, kv_bits: Optional[int], io_dtype: torch.dtype,
-                  device: torch.device, rotate_k: bool = False) -> dict[str, HessianAccumulator]:
+                  device: torch.device, rotate_k: bool = False,
+                  k_center: Optional[torch.Tensor] = None) -> dict[str, HessianAccumulator]:
     """Phase 3: the GPTQ Hessian (``.h``: fp32 [K, K], slot order) of the activations each
-    input group actually sees, quantized by ``scheme`` with ``kv_bits`` KV and unquantized
-    weights, all 7 linears in one pass over inps ([n, seqlen, hidden], io_dtype)."""
+    input group actually sees, quantized by ``scheme`` with ``kv_bits`` KV (keys as ``rotate_k``
+    and ``k_center`` say) and unquantized weights, all 7 linears in one pass over inps
+    ([n, seqlen, hidden], io_dtype)."""
     groups = input_groups()
     hess = {}
     for g in groups:
@@ -291,7 +309,7 @@ def gptq_hessians(layer: nn.Module, lin: dict[str, SimLinear], scheme: dict[str,
         lin[g].observer = hess[g].add
     for m in QUANTIZED_LINEARS:
         lin[m].state = SimState(scheme[m], permute_columns(lin[m].weight.float(), scheme[m]))
-    set_kv_bits([layer.self_attn], kv_bits, io_dtype, rotate_k)
+    set_kv_bits([layer.self_attn], kv_bits, io_dtype, rotate_k, k_center)
     run_layer(layer, inps, kwargs, keep=False)
     for g in groups:
         lin[g].observer = None
@@ -345,10 +363,12 @@ def quantize_linears(lin: dict[str, SimLinear], scheme: dict[str, ActScheme],
 
 
 def quantized_outputs(layer: nn.Module, inps: torch.Tensor, kwargs: dict, kv_bits: Optional[int],
-                      io_dtype: torch.dtype, rotate_k: bool = False) -> torch.Tensor:
+                      io_dtype: torch.dtype, rotate_k: bool = False,
+                      k_center: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Phase 5: the fully quantized layer's outputs ([n, seqlen, hidden] in inps' dtype),
-    with ``kv_bits`` KV (keys rotated as ``rotate_k`` says): the next layer's inputs."""
-    set_kv_bits([layer.self_attn], kv_bits, io_dtype, rotate_k)
+    with ``kv_bits`` KV (keys rotated as ``rotate_k`` says, centered by ``k_center``): the next
+    layer's inputs."""
+    set_kv_bits([layer.self_attn], kv_bits, io_dtype, rotate_k, k_center)
     return run_layer(layer, inps, kwargs, keep=True)
 
 
@@ -363,13 +383,16 @@ def quantize_layer(layer_cpu: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: 
     """
     dev = torch.device(opts.device)
     layer, lin = layer_on_device(layer_cpu, dev, io_dtype)
-    stats = calibrate(layer, lin, inps, kwargs, cfg, opts, io_dtype)
+    stats, center = calibrate(layer, lin, inps, kwargs, cfg, opts, io_dtype, cfg.kv_center_k and kv_bits == 4)
     rot = cfg.kv_rotate_k
-    kv_bits, kv4_error = choose_kv_bits(layer, inps, kwargs, opts, io_dtype, prefix, kv_bits, rot)
+    kv_bits, kv4_error = choose_kv_bits(layer, inps, kwargs, opts, io_dtype, prefix, kv_bits, rot, center)
+    center = center if kv_bits == 4 else None  # (a layer kept 16-bit stores its keys as they are)
     scheme = reorder(lin, stats, cfg, dev)
-    hess = gptq_hessians(layer, lin, scheme, inps, kwargs, kv_bits, io_dtype, dev, rot) if opts.gptq else {}
+    hess = gptq_hessians(layer, lin, scheme, inps, kwargs, kv_bits, io_dtype, dev, rot, center) if opts.gptq else {}
     tensors, notes = quantize_linears(lin, scheme, hess, cfg, opts, io_dtype, prefix)
-    outs = quantized_outputs(layer, inps, kwargs, kv_bits, io_dtype, rot)
+    if center is not None:
+        tensors[f"{prefix}.{KEY_CENTER}"] = center.cpu()
+    outs = quantized_outputs(layer, inps, kwargs, kv_bits, io_dtype, rot, center)
     del layer
     return LayerResult(tensors, outs, notes, kv_bits, kv4_error)
 

@@ -41,6 +41,11 @@ _KV_SKIP = (
     "do not survive per-token INT4), but they run with INT4 here. Add --kv-cache-dtype-skip-layers "
     "{layers} (in Python: kv_cache_dtype_skip_layers=[...]).")
 
+_KV_CENTER = (
+    "This Atom checkpoint stores its INT4 keys centered (kv_center_k: `vllm-atom quantize --kv-center-k`), "
+    "which vLLM serving does not run yet: its cache write does not subtract each layer's "
+    "self_attn.k_center. `vllm-atom eval` simulates it; to serve, quantize again without --kv-center-k.")
+
 _NOT_ATOM = (
     "--quantization atom needs an Atom checkpoint, but {model} has no "
     "quantization_config with quant_method 'atom' in its config.json. Create one with "
@@ -77,7 +82,10 @@ class AtomQuantConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AtomQuantConfig":
-        return cls(AtomConfig.from_dict(config))
+        atom = AtomConfig.from_dict(config)
+        if atom.kv_center_k:
+            raise ValueError(_KV_CENTER)
+        return cls(atom)
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
