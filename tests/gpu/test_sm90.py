@@ -172,29 +172,13 @@ def test_b64_tiles_at_large_m(m, shape, monkeypatch, variant):
     check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], 1)
 
 
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 1), (2, 2, 1, 1), (2, 8, 1, 1)])
 @pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
-@pytest.mark.parametrize("m", [1, 40])
-def test_pipe_few_steps(m, shape, cfg, monkeypatch, variant):
-    """PIPE where a cluster rank has no step, one (only the drain) or two (K = 144, 256, 576:
-    2 to 5 steps)."""
-    n, k = SHAPES[shape]
-    o = outliers(k)
-    x, idx = make_input(m, k)
-    w = make_weight(n, k, idx)
-    wpack = prepacked(w)
-    monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
-    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
-    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
-    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cfg[1])
-
-
-@pytest.mark.parametrize("cfg", [(2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 8, 2)])
-@pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
-@pytest.mark.parametrize("m", [1, 9])
-def test_split_slabs_few_steps(m, shape, cfg, monkeypatch, variant):
-    """Two warpgroups per slab when a cluster rank has one step or none for the second half
-    (K = 144, 256, 576: 2 to 5 steps)."""
+@pytest.mark.parametrize("m,cfg", [(m, cfg) for m in (1, 9) for cfg in [(2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 8, 2)]]
+                         + [(m, cfg) for m in (1, 40) for cfg in [(1, 1, 1, 1), (2, 2, 1, 1), (2, 8, 1, 1)]])
+def test_few_steps_per_rank(m, shape, cfg, monkeypatch, variant):
+    """A cluster rank with few steps (K = 144, 256, 576: 2 to 5 steps): two warpgroups per slab
+    (wgc, cs, 2) when a rank has one step or none for its second half; PIPE (wgc, cs, 1, 1) when
+    a rank has no step, one (only the drain) or two."""
     n, k = SHAPES[shape]
     o = outliers(k)
     x, idx = make_input(m, k)
