@@ -150,8 +150,8 @@ def sm90_width(m: int) -> int:
 
 
 # From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
-# consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster at
-# M >= 4096 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
+# consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster from
+# M = 2048 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
 # VLLM_ATOM_SM90_B64_MIN_M sets it (2^62: off).
 SM90_B64_WGC = 4
 SM90_B64_MIN_M = int(os.environ.get("VLLM_ATOM_SM90_B64_MIN_M", "2048"))
