@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for parts of examples/benchmarks/reliability.py: PARTS=soak,preempt,... [LIMIT=s]
-# [EXTRA="--bench-timeout 330"]; the results are merged into a copy of the committed
+# [EXTRA="--bench-timeout 330"] [SANITIZER_K="a pytest -k expression" (spaces survive)]; the results are merged into a copy of the committed
 # results/reliability-h200.json written to $OUT (copy it back); server logs (last 200 kB each) to
 # $OUT/logs. Pass ATOM_COMMIT=<hash> (git on the device can report a stale HEAD).
 set -uo pipefail
@@ -9,7 +9,8 @@ source .devbundle/vllm_env.sh > "$OUT/env.log" 2>&1 || { cat "$OUT/env.log"; exi
 source tests/gpu/plugin_env.sh
 export VLLM_ATOM_KERNEL_CACHE=$PWD/.scratch/kcache
 cp examples/benchmarks/results/reliability-h200.json "$OUT/" 2>/dev/null
-timeout ${LIMIT:-560} python examples/benchmarks/reliability.py --parts "$PARTS" --out "$OUT" --work /tmp/rw ${EXTRA:-} 2>&1 | tail -20
+timeout ${LIMIT:-560} python examples/benchmarks/reliability.py --parts "$PARTS" --out "$OUT" --work /tmp/rw ${EXTRA:-} \
+    ${SANITIZER_K:+--sanitizer-k "$SANITIZER_K"} 2>&1 | tail -20
 python3 - <<'PY'
 import json, os
 d = json.load(open(os.environ["OUT"] + "/reliability-h200.json"))
