@@ -243,8 +243,7 @@ struct PipedSteps {
   // Fold the step in set B (its MMAs complete once at most PENDING newer groups are in flight)
   // with the activation scales of stage `stage`, then free that stage.
   template <int B, int PENDING>
-  __device__ __forceinline__ void fold_step(unsigned char* smem, u64* empty, const unsigned char* sabase, int stage,
-                                            int lane) {
+  __device__ __forceinline__ void fold_step(u64* empty, const unsigned char* sabase, int stage, int lane) {
     wgmma_wait<PENDING>();
     fence_operand(c[B]);
     float2 fa[BN / 8];
@@ -261,7 +260,7 @@ struct PipedSteps {
                                        const unsigned char* sabase, const WOffsets& wo, int j, int G, int lane) {
     const int prev = sp;
     issue_step<B>(smem, full, wbase, wo, j, G);
-    fold_step<1 - B, 1>(smem, empty, sabase, prev, lane);
+    fold_step<1 - B, 1>(empty, sabase, prev, lane);
   }
 };
 #endif
@@ -361,9 +360,9 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     }
     if (j < j1) {
       ps.step<1>(smem, full, empty, wbase, sabase, wo, j, G, lane);
-      ps.fold_step<1, 0>(smem, empty, sabase, ps.sp, lane);
+      ps.fold_step<1, 0>(empty, sabase, ps.sp, lane);
     } else {
-      ps.fold_step<0, 0>(smem, empty, sabase, ps.sp, lane);
+      ps.fold_step<0, 0>(empty, sabase, ps.sp, lane);
     }
   }
 #else
