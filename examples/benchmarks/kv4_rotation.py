@@ -14,7 +14,10 @@ Q fq'(K)^T); for V what H folded into v_proj's rows and o_proj's columns compute
 Variants: nokv (no KV quantization), base (K and V INT4), k / v (only that one INT4), hk / hv (both
 INT4, that one rotated), hkv (both rotated); with a trailing c (bc, kc, hkc, hkvc) the keys are
 also centered first: each layer's mean post-RoPE key (per kv head and channel, over the first
---center-tokens of --center-text) is subtracted before quantizing and added back after. One `vllm-atom eval --methods fp16` pass per variant
+--center-tokens of --center-text, `quantize.key_center.KeyMean`) is subtracted before quantizing
+and added back after (`reference.fake_quantize_kv(..., center=)`, as `vllm-atom eval` does; the
+committed results/kv4-centering-smollm2.json, 807bca7, came from a first form that summed the
+keys in fp32 and rounded K - mean to the 16-bit dtype before quantizing). One `vllm-atom eval --methods fp16` pass per variant
 (CPU: ~3.5 min per 16k tokens of SmolLM2-135M on 2 cores). Writes the rows with their per-window
 NLL, and prints the cost of each variant over nokv.
 """
@@ -31,6 +34,7 @@ import torch
 from vllm_atom import evaluate, simulate
 from vllm_atom import reference as ref
 from vllm_atom.cli import main as cli_main
+from vllm_atom.quantize.key_center import KeyMean
 
 # variant -> (quantize K, quantize V, rotate K, rotate V[, center K])
 VARIANTS = {"nokv": None, "base": (1, 1, 0, 0), "k": (1, 0, 0, 0), "v": (0, 1, 0, 0),
@@ -41,7 +45,7 @@ _current: list = [None]
 # (--center-text); fq(K - mu) + mu. In attention the mean's term q . mu is the same for every key
 # of a query, so softmax removes it: a cache could store K - mu alone.
 CENTER: dict[int, torch.Tensor] = {}
-_sums: dict[int, list] = {}
+_means: dict[int, KeyMean] = {}
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -49,17 +53,13 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 
     flags = _current[0]
     if flags == "collect":  # key [batch, kv heads, tokens, head_dim] after RoPE
-        acc = _sums.setdefault(module.layer_idx, [0.0, 0])
-        acc[0] = acc[0] + key.float().sum(dim=(0, 2))
-        acc[1] += key.shape[0] * key.shape[2]
+        _means.setdefault(module.layer_idx, KeyMean(key.shape[1], key.shape[3], key.device)).add(key)
     elif flags is not None:
         qk, qv, rk, rv, ck = (*flags, 0)[:5]
         dt = getattr(module, "atom_io_dtype", torch.float16)
-        if qk and ck:
-            mu = CENTER[module.layer_idx][None, :, None, :]
-            key = (ref.fake_quantize_kv((key.float() - mu).to(dt), bool(rk)).float() + mu).to(query.dtype)
-        elif qk:
-            key = ref.fake_quantize_kv(key.to(dt), bool(rk)).to(query.dtype)
+        if qk:
+            mu = CENTER[module.layer_idx][None, :, None, :] if ck else None
+            key = ref.fake_quantize_kv(key.to(dt), bool(rk), mu).to(query.dtype)
         if qv:
             value = ref.fake_quantize_kv(value.to(dt), bool(rv)).to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -88,7 +88,7 @@ def main() -> None:
         _current[0] = "collect"
         cli_main(["eval", args.model, "--text", args.center_text, "--methods", "fp16",
                   "--max-tokens", str(args.center_tokens), "--json", str(tmp / "center.json")])
-        CENTER.update({i: total / count for i, (total, count) in _sums.items()})
+        CENTER.update({i: mean.value for i, mean in _means.items()})
     for name in names:
         _current[0] = VARIANTS[name]
         path = tmp / f"{name}.json"
