@@ -84,6 +84,9 @@
 #elif WGC == 3
 #define PRODUCER_REGS 56
 #define CONSUMER_REGS 152
+#elif WGC == 4 && CS == 1  // (the producer's cluster code needs more than 24)
+#define PRODUCER_REGS 24
+#define CONSUMER_REGS 112
 #elif WGC == 4
 #define PRODUCER_REGS 56
 #define CONSUMER_REGS 104
@@ -379,9 +382,6 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     float sw[2];
     load_weights<E4M3 != 0>(wbase + so, outl, wo, a, sw);
 #if E4M3
-    float4 fa[BN / 8];  // (scales, C) of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float4*)(sabase + so + 64 * i);
 #else
     float2 fa[BN / 8];  // scales of tokens 8i + 2t, 8i + 2t + 1 (loads hide behind the MMAs)
 #pragma unroll
@@ -403,6 +403,11 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
     fence_operand(c);
 #if PINGPONG
     if (wg == 0 || j + 1 < j1) named_arrive(3 - wg, 256);  // its turn (one arrive per sync)
+#endif
+#if E4M3
+    float4 fa[BN / 8];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) fa[i] = *(const float4*)(sabase + so + 64 * i);
 #endif
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);

@@ -416,7 +416,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
     if args.profile:
-        return profile()
+        return profile(m_list=[int(m) for m in args.m_list.split(",")] if args.m_list else (1, 16, 256, 8192))
     torch.manual_seed(0)
     shapes = SHAPES if args.all_models else [s for s in SHAPES if s[0] in TARGET_MODELS]
     m_list = M_LIST
