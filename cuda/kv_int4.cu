@@ -79,12 +79,15 @@ __device__ __forceinline__ void hadamard_row(float (&x)[N], int part) {
 
 // ---------------------------------------------------------------------------------------------
 // Cache write: one warp per (token, head, K or V). Lane l quantizes elements [l*E, l*E+E).
+// kcenter (fp32 [n_heads, D] or null): keys are stored minus it (fp32, before any rotation), the
+// key centering of reference.write_kv_cache(k_center=); attention needs no change (every key of a
+// query loses the same q . center, which softmax removes).
 // ---------------------------------------------------------------------------------------------
 #define E (D / 32)
 
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 kv_int4_write(const u16* __restrict__ key, const u16* __restrict__ value, u8* __restrict__ cache,
-              const long long* __restrict__ slots, int n_tok, int n_heads,
+              const long long* __restrict__ slots, const float* __restrict__ kcenter, int n_tok, int n_heads,
               long long k_ts, long long k_hs, long long v_ts, long long v_hs,
               long long s0, long long s1, long long s2, int block_size) {
   const int lane = threadIdx.x & 31;
@@ -100,6 +103,10 @@ kv_int4_write(const u16* __restrict__ key, const u16* __restrict__ value, u8* __
   float x[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) x[i] = to_float(src[lane * E + i]);
+  if (kcenter && which == 0) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = __fsub_rn(x[i], kcenter[head * D + lane * E + i]);
+  }
   if (ROTATE_K && which == 0) hadamard_row<E, 32>(x, lane);  // `which` is the same for the whole warp
   float mn = 3.0e38f, mx = -3.0e38f;
 #pragma unroll

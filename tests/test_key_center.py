@@ -1,5 +1,6 @@
 """Key centering for the INT4 KV cache (`AtomConfig.kv_center_k`): the numerics, what the
-quantizer writes, what `vllm-atom eval` reads, and that `vllm serve` refuses it for now."""
+quantizer writes, what `vllm-atom eval` reads, the cache write that stores keys minus the center,
+and how `vllm serve` finds each layer's center (tests/gpu/test_vllm_e2e.py serves one)."""
 
 import math
 
@@ -98,10 +99,42 @@ def test_eval_reads_the_centers_and_names_a_bad_one(centered, tmp_path):
         check_key_center("model.layers.0.self_attn.k_center", None, 2, 64)
 
 
-def test_serve_refuses_centered_keys():
+@pytest.mark.parametrize("rotate", [False, True])
+def test_cache_write_stores_keys_minus_the_center(rotate):
+    """reference.write_kv_cache(k_center=): the cache read back plus the center is the simulation's
+    fake_quantize_kv(k, rotate, center) (fp32), and a zero center writes the same bytes as none."""
+    k = _keys(tokens=20).transpose(1, 2)[0]  # [T, H, D]
+    v = torch.randn(20, 2, 64).half()
+    center = KeyMean(2, 64)
+    center.add(k.transpose(0, 1)[None].float())
+    c = center.value
+    cache = torch.zeros(2, 2, 16, ref.kv_record_bytes(64), dtype=torch.uint8)
+    ref.write_kv_cache(k, v, cache, torch.arange(20), rotate, c)
+    kq, _ = ref.read_kv_cache(cache, torch.tensor([0, 1]), 20, 64)
+    got = (ref.hadamard_rotate(kq) if rotate else kq) + c
+    torch.testing.assert_close(got, ref.fake_quantize_kv(k.float(), rotate, c), rtol=0, atol=1e-5)
+    plain, zero = torch.zeros_like(cache), torch.zeros_like(cache)
+    ref.write_kv_cache(k, v, plain, torch.arange(20), rotate)
+    ref.write_kv_cache(k, v, zero, torch.arange(20), rotate, torch.zeros(2, 64))
+    assert torch.equal(plain, zero) and not torch.equal(plain, cache)
+
+
+def test_serve_loads_the_centers():
+    """`vllm serve` takes kv_center_k checkpoints: the checkpoint's self_attn.k_center maps onto the
+    attention layer's parameter, and each tensor-parallel rank gets its kv heads."""
     pytest.importorskip("vllm")
     from vllm_atom.serve.config import AtomQuantConfig
+    from vllm_atom.serve.kv_center import rank_heads
 
-    with pytest.raises(ValueError, match="kv_center_k.*does not run yet"):
-        AtomQuantConfig.from_config(AtomConfig(kv_center_k=True).to_dict())
-    assert not AtomQuantConfig.from_config(AtomConfig().to_dict()).atom.kv_center_k
+    cfg = AtomQuantConfig.from_config(AtomConfig(kv_center_k=True).to_dict())
+    assert cfg.atom.kv_center_k
+    names = [("model.layers.3.self_attn.k_center", torch.zeros(1)), ("model.layers.3.self_attn.k_proj.qweight",
+                                                                       torch.zeros(1))]
+    mapped = [n for n, _ in cfg.get_cache_scale_mapper().apply(iter(names))]
+    assert mapped == ["model.layers.3.self_attn.attn.k_center", "model.layers.3.self_attn.k_proj.qweight"]
+    plain = AtomQuantConfig.from_config(AtomConfig().to_dict())
+    assert [n for n, _ in plain.get_cache_scale_mapper().apply(iter(names[:1]))] == [names[0][0]]
+    c = torch.arange(8.0)[:, None].expand(8, 4)
+    assert torch.equal(rank_heads(c, 2, 1), c[4:])
+    assert torch.equal(rank_heads(c[:2], 4, 3), c[1:2])  # 2 kv heads over 4 ranks: replicated
+    assert torch.equal(rank_heads(c, 1, 0), c)

@@ -169,8 +169,7 @@ def build_parser() -> Parser:
                         "AtomConfig.kv_rotate_k)")
     q.add_argument("--kv-center-k", action=argparse.BooleanOptionalAction, default=False,
                    help="store INT4 keys minus their calibration mean per (kv head, channel) "
-                        "(AtomConfig.kv_center_k; `vllm-atom eval` simulates it, `vllm serve` does not "
-                        "run it yet)")
+                        "(AtomConfig.kv_center_k; the INT4 cache write subtracts it)")
     q.add_argument("--kv-skip-layers", type=_kv_skip_arg, default="",
                    help="comma list of layers whose KV cache stays 16-bit (serve with vLLM's "
                         "--kv-cache-dtype-skip-layers), e.g. 0,1; 'auto' (or auto=THRESHOLD) "

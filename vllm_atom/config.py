@@ -47,9 +47,9 @@ class AtomConfig:
             post-RoPE key of each (kv head, channel), tensor ``model.layers.{i}.self_attn.k_center``
             (`vllm_atom.format`): a constant taken from every key of a head adds the same
             -q . center to every logit of a query, which softmax removes, while the INT4 range no
-            longer spans a channel's offset. Simulation (`vllm-atom eval`) only so far: the
-            serving cache write does not subtract it yet, so `vllm serve` refuses these
-            checkpoints. Checkpoints that predate it: False.
+            longer spans a channel's offset. The INT4 cache write subtracts it (`vllm serve`
+            loads it into each attention layer, `vllm_atom.serve.kv_center`); the attention
+            kernels do not change. Checkpoints that predate it: False.
         kv_skip_layers: decoder layers whose KV cache stays 16-bit when kv_bits is 4 (vLLM:
             ``--kv-cache-dtype-skip-layers``). For models whose keys carry huge biases in a
             few layers (Qwen2.5: layers 0 and 1), where per-token INT4 keys fail.

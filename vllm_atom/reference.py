@@ -308,15 +308,20 @@ def _kv_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, rotate_k: bool = False) -> None:
+                   slot_mapping: torch.Tensor, rotate_k: bool = False,
+                   k_center: torch.Tensor | None = None) -> None:
     """Quantize key/value [T, H, D] and store token i at slot ``slot_mapping[i]``
     (= block * block_size + offset) of ``kv_cache``; slots < 0 (padding) are skipped. Only
     ``len(slot_mapping)`` tokens are written, as in vLLM. rotate_k: the keys are quantized as
-    ``hadamard_rotate(key)`` (fp32), i.e. the cache holds rotated keys."""
+    ``hadamard_rotate(key)`` (fp32), i.e. the cache holds rotated keys. k_center (fp32 [H, D] or
+    None): the keys are stored minus it, ``key.float() - k_center`` (before the rotation), the
+    centering of `fake_quantize_kv` (attention over the cache needs nothing else: see there)."""
     n = slot_mapping.shape[0]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     k = key[:n][keep]
+    if k_center is not None:
+        k = k.float() - k_center.float()
     rec = torch.cat((_kv_half(hadamard_rotate(k) if rotate_k else k), _kv_half(value[:n][keep])), -1)
     block_size = kv_cache.shape[2]
     kv_cache[slots // block_size, :, slots % block_size] = rec

@@ -52,8 +52,10 @@ def kv_values(t, h, d, dtype, gen, overflow=False):
 @pytest.mark.parametrize("h", [1, 2, 8])
 @pytest.mark.parametrize("nhd", [False, True])
 @pytest.mark.parametrize("rotate_k", [False, True])
-def test_write_is_byte_exact(dtype, d, h, nhd, rotate_k):
+@pytest.mark.parametrize("center", [False, True])
+def test_write_is_byte_exact(dtype, d, h, nhd, rotate_k, center):
     gen = torch.Generator(device=DEV).manual_seed(d * 10 + h)
+    k_center = (torch.randn(h, d, generator=gen, device=DEV) * 3).contiguous() if center else None
     nb, t = 13, 150
     cache = make_cache(nb, h, d, nhd)
     key, value = kv_values(t + 5, h, d, dtype, gen, True), kv_values(t + 5, h, d, dtype, gen, True)
@@ -63,10 +65,60 @@ def test_write_is_byte_exact(dtype, d, h, nhd, rotate_k):
     big[:, :h] = key
     key_view = big[:, :h]
     want = cache.cpu().clone()
-    R.write_kv_cache(key.cpu(), value.cpu(), want, slots.cpu(), rotate_k)
-    kv_int4.write_kv_int4(key_view, value, cache, slots, rotate_k)
+    R.write_kv_cache(key.cpu(), value.cpu(), want, slots.cpu(), rotate_k,
+                     None if k_center is None else k_center.cpu())
+    kv_int4.write_kv_int4(key_view, value, cache, slots, rotate_k, k_center)
     got = cache.cpu()
     assert torch.equal(got, want), (got != want).nonzero()[:10]
+
+
+@pytest.mark.parametrize("rotate_k", [False, True])
+@pytest.mark.parametrize("g", [1, 4])
+def test_centered_keys_leave_attention_unchanged(rotate_k, g):
+    """Keys with a large per-channel offset, written minus their center (`k_center`): decode and
+    prefill rows over that cache equal fp32 attention over the keys fake-quantized the centered way
+    plus the center, ``fake_quantize_kv(k, rotate_k, center)`` (softmax drops the q . center every
+    key of a query shares), and differ clearly from attention over the uncentered INT4 keys."""
+    dtype, d, h, block = torch.bfloat16, 128, 2, BLOCK
+    gen = torch.Generator(device=DEV).manual_seed(7 + g)
+    offset = torch.randn(h, d, generator=gen, device=DEV) * 8
+    seq_q = [(300, 1), (77, 20)]
+    need = [math.ceil(s / block) for s, _ in seq_q]
+    cache = make_cache(sum(need) + 1, h, d, False)
+    bt = torch.zeros(len(seq_q), max(need), dtype=torch.int32, device=DEV)
+    bt[0, :need[0]] = torch.arange(need[0], device=DEV, dtype=torch.int32)
+    bt[1, :need[1]] = torch.arange(need[0], need[0] + need[1], device=DEV, dtype=torch.int32)
+    keys, values = [], []
+    for b, (s, _) in enumerate(seq_q):
+        k = (kv_values(s, h, d, torch.float32, gen) + offset).to(dtype)
+        v = kv_values(s, h, d, dtype, gen)
+        pos = torch.arange(s, device=DEV)
+        kv_int4.write_kv_int4(k, v, cache, bt[b, pos // block].long() * block + pos % block, rotate_k, offset)
+        keys.append(k)
+        values.append(v)
+    qsl = torch.tensor([0] + [ql for _, ql in seq_q], device=DEV).cumsum(0).int()
+    seq_lens = torch.tensor([s for s, _ in seq_q], dtype=torch.int32, device=DEV)
+    q = torch.randn(int(qsl[-1]), h * g, d, generator=gen, device=DEV).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    kv_int4.attention_int4(q, cache, qsl, seq_lens, bt, max(ql for _, ql in seq_q), d ** -0.5, out=out,
+                           rotate_k=rotate_k)
+
+    def attention(center):
+        rows = []
+        for b, (s, ql) in enumerate(seq_q):
+            kq = R.fake_quantize_kv(keys[b].float(), rotate_k, center)  # fp32 [S, H, D]
+            vq = R.fake_quantize_kv(values[b].float())
+            qb = q[qsl[b]:qsl[b + 1]].float().view(ql, h, g, d)
+            logits = torch.einsum("qhgd,shd->qhgs", qb, kq) * d ** -0.5
+            pos = torch.arange(s - ql, s, device=DEV)[:, None, None, None]
+            logits = logits.masked_fill(torch.arange(s, device=DEV) > pos, float("-inf"))
+            rows.append(torch.einsum("qhgs,shd->qhgd", logits.softmax(-1), vq).reshape(ql, h * g, d))
+        return torch.cat(rows)
+
+    want, unc = attention(offset), attention(None)
+    tol = 2 ** -8
+    torch.testing.assert_close(out.float(), want, atol=tol * float(want.abs().amax()), rtol=tol)
+    assert float((unc - want).abs().amax()) > 4 * float((out.float() - want).abs().amax())  # centering mattered
 
 
 def build(seq_q, h, g, d, dtype, nhd, seed, rotate_k=False):

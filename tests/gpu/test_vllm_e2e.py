@@ -54,15 +54,17 @@ def texts(tmp_path_factory):
     return stdlib_text(str(d / "calib.txt"), 0, 40), stdlib_text(str(d / "eval.txt"), 120, 20)
 
 
-def quantized_tiny(arch, tokenizer_dir, calib, root, row_shards=1, kv_skip_layers=()):
+def quantized_tiny(arch, tokenizer_dir, calib, root, row_shards=1, kv_skip_layers=(), center=False):
     from vllm_atom.config import AtomConfig
     from vllm_atom.quantize.pipeline import QuantizeOptions, quantize
 
     base = make_tiny(os.path.join(root, f"{arch}-fp16"), tokenizer_dir, arch=arch, outlier_gain=10.0,
                      logit_gain=8.0, branch_gain=0.3, emb_gain=50.0)
     out = os.path.join(root, f"{arch}-atom" + (f"-rs{row_shards}" if row_shards > 1 else "")
-                       + ("-skip" + "-".join(map(str, kv_skip_layers)) if kv_skip_layers else ""))
-    kv = dict(kv_bits=4, kv_skip_layers=kv_skip_layers) if kv_skip_layers else dict(kv_bits=None)
+                       + ("-skip" + "-".join(map(str, kv_skip_layers)) if kv_skip_layers else "")
+                       + ("-center" if center else ""))
+    kv = dict(kv_bits=4, kv_skip_layers=kv_skip_layers, kv_center_k=center) if kv_skip_layers or center \
+        else dict(kv_bits=None)
     if not os.path.exists(os.path.join(out, "config.json")):
         quantize(base, out, calib, AtomConfig(row_shards=row_shards, **kv),
                  QuantizeOptions(nsamples=32, seqlen=256, device="cuda"), progress=False)
@@ -76,17 +78,20 @@ def eval_windows(ckpt, text, n=8, seqlen=256):
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
 
 
-def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",), kv_skip_layers=(), rotate_k=None):
+def simulated_logprobs(ckpt, windows, kv_bits=None, pipelines=("fp32",), kv_skip_layers=(), rotate_k=None,
+                       center=True):
     """Per pipeline, log_softmax of the simulated Atom model (runtime numerics; KV cache 16-bit or
-    INT4, keys rotated as the checkpoint's kv_rotate_k says unless rotate_k is given) at each
-    position; pipeline "16bit" computes the unquantized ops in fp16 as vLLM does
-    (`vllm-atom eval --pipeline 16bit`). The model is loaded once; fp32 must come first."""
-    from vllm_atom.evaluate import SimModel, checkpoint_states, load_model
+    INT4, keys rotated as the checkpoint's kv_rotate_k says unless rotate_k is given, and centered
+    by the checkpoint's k_center if it has them, unless center=False) at each position; pipeline
+    "16bit" computes the unquantized ops in fp16 as vLLM does (`vllm-atom eval --pipeline 16bit`).
+    The model is loaded once; fp32 must come first."""
+    from vllm_atom.evaluate import SimModel, checkpoint_model, load_model
     model, io_dtype = load_model(ckpt, device="cuda")
     sim = SimModel(model, io_dtype)
-    cfg, states = checkpoint_states(sim, ckpt, device="cuda")
+    cfg, states, centers = checkpoint_model(sim, ckpt, device="cuda")
     sim.add_method("atom", states, kv_bits=kv_bits, kv_skip_layers=kv_skip_layers,
-                   kv_rotate_k=cfg.kv_rotate_k if rotate_k is None else rotate_k)
+                   kv_rotate_k=cfg.kv_rotate_k if rotate_k is None else rotate_k,
+                   kv_center=centers if center else None)
     sim.activate("atom")
     out = {}
     for pipeline in pipelines:
@@ -185,6 +190,32 @@ def test_vllm_kv4_skip_layers(tokenizer_dir, texts, tmp_path):
     assert result["top1_agreement"] >= 0.93, result
     assert result["mean_abs_dlogprob"] < 0.12, result
     assert result["mean_abs_dlogprob"] < result["mean_abs_dlogprob_vs_all_int4_sim"], result
+
+
+def test_vllm_kv4_centered_keys(tokenizer_dir, texts, tmp_path):
+    """A checkpoint with kv_center_k (Qwen2: k_proj has a bias, so its keys have an offset),
+    served with Atom's INT4 cache: vLLM loads each layer's self_attn.k_center and the cache write
+    stores keys minus it. Against the centered simulation; also reported: agreement with the
+    uncentered one, which must be lower wherever centering moves the simulation at all."""
+    calib, evaltext = texts
+    ckpt = quantized_tiny("qwen2", tokenizer_dir, calib, "/tmp/atom-e2e", center=True)
+    assert json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]["kv_center_k"] is True
+    windows = eval_windows(ckpt, evaltext)
+    sim = simulated_logprobs(ckpt, windows, kv_bits=4)["fp32"]
+    sim_unc = simulated_logprobs(ckpt, windows, kv_bits=4, center=False)["fp32"]
+    got = vllm_logprobs(ckpt, windows, str(tmp_path), *KV4_ARGS)
+    vs_unc = agreement(windows, sim_unc, got)
+    sims_apart = float(torch.cat([(a - b).abs().flatten() for a, b in zip(sim, sim_unc)]).mean())
+    result = {"arch": "qwen2", "kv": "kv4-centered", **agreement(windows, sim, got),
+              "top1_vs_uncentered_sim": vs_unc["top1_agreement"],
+              "mean_abs_dlogprob_vs_uncentered_sim": vs_unc["mean_abs_dlogprob"],
+              "centered_vs_uncentered_sim_mean_abs_dlogprob": sims_apart, "vllm_load_s": got["load_s"]}
+    print("e2e", json.dumps(result))
+    json.dump(result, open(os.path.join(OUT, "e2e-qwen2-kv4-centered.json"), "w"))
+    assert result["top1_agreement"] >= 0.93, result
+    assert result["mean_abs_dlogprob"] < 0.12, result
+    if sims_apart > 0.02:
+        assert result["mean_abs_dlogprob"] < result["mean_abs_dlogprob_vs_uncentered_sim"], result
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (device kind nvidia-h200-x2)")

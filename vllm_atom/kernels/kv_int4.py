@@ -107,22 +107,29 @@ def prepare(head_dim: int, dtype: torch.dtype, device: torch.device, rotate_k: b
 
 
 def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor, rotate_k: bool = False) -> None:
+                  slot_mapping: torch.Tensor, rotate_k: bool = False,
+                  k_center: torch.Tensor | None = None) -> None:
     """Quantize key/value [T, H, D] (bf16/fp16, last dim contiguous) and store token i at slot
     ``slot_mapping[i]`` (int64); only ``len(slot_mapping)`` tokens are written, slots < 0 skipped.
-    rotate_k: store the keys Hadamard-rotated (module doc)."""
+    rotate_k: store the keys Hadamard-rotated (module doc). k_center: fp32 [H, D] (contiguous) or
+    None; the keys are stored minus it (`AtomConfig.kv_center_k`, `reference.write_kv_cache`)."""
     n, h, d = slot_mapping.shape[0], kv_cache.shape[1], key.shape[-1]
     check_cache(kv_cache, d)
+    if k_center is not None and (k_center.shape != (h, d) or k_center.dtype != torch.float32
+                                 or not k_center.is_contiguous()):
+        raise ValueError(f"k_center must be contiguous fp32 [{h}, {d}] (kv heads, head_dim), got "
+                         f"{k_center.dtype} {list(k_center.shape)}")
     for name, x in (("key", key), ("value", value)):
         if x.dim() != 3 or x.shape[1:] != (h, d) or x.shape[0] < n or x.stride(2) != 1 or x.dtype not in _DTYPES:
             raise ValueError(f"{name} must be bf16/fp16 [>= {n}, {h}, {d}] with a contiguous last dim, "
                              f"got {x.dtype} {list(x.shape)} strides {x.stride()}")
-    _same_device(kv_cache, key=key, value=value, slot_mapping=slot_mapping)
+    _same_device(kv_cache, key=key, value=value, slot_mapping=slot_mapping,
+                 **({} if k_center is None else {"k_center": k_center}))
     if value.dtype != key.dtype or slot_mapping.dtype != torch.int64:
         raise ValueError(f"key/value dtypes must match and slot_mapping must be int64, got "
                          f"{key.dtype}/{value.dtype}/{slot_mapping.dtype}")
     if kv_cache.device.type != "cuda":
-        reference.write_kv_cache(key, value, kv_cache, slot_mapping, rotate_k)
+        reference.write_kv_cache(key, value, kv_cache, slot_mapping, rotate_k, k_center)
         return
     if n == 0:
         return
@@ -131,7 +138,8 @@ def write_kv_int4(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
     s = kv_cache.stride()
     fn = _kernel("kv_int4_write", d, key.dtype, kv_cache.device, rotate_k)
     _loader.launch(fn, (math.ceil(2 * n * h / WARPS), 1, 1), (32 * WARPS, 1, 1),
-                   (key.data_ptr(), value.data_ptr(), kv_cache.data_ptr(), slot_mapping.data_ptr(), np.int32(n),
+                   (key.data_ptr(), value.data_ptr(), kv_cache.data_ptr(), slot_mapping.data_ptr(),
+                    0 if k_center is None else k_center.data_ptr(), np.int32(n),
                     np.int32(h), np.int64(key.stride(0)), np.int64(key.stride(1)), np.int64(value.stride(0)),
                     np.int64(value.stride(1)), np.int64(s[0]), np.int64(s[1]), np.int64(s[2]),
                     np.int32(kv_cache.shape[2])), 0, kv_cache.device.index)

@@ -156,7 +156,7 @@ class AtomInt4AttentionImpl(TritonAttentionImpl):
                            slot_mapping: torch.Tensor) -> None:
         if not self.atom_int4:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        kv_int4.write_kv_int4(key, value, kv_cache, slot_mapping, self.rotate_k)
+        kv_int4.write_kv_int4(key, value, kv_cache, slot_mapping, self.rotate_k, getattr(layer, "k_center", None))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TritonAttentionMetadata, output: torch.Tensor,

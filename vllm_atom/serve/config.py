@@ -19,6 +19,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.models.utils import WeightsMapper
 
 from vllm_atom.config import QUANT_METHOD, AtomConfig
 from vllm_atom.format import is_quantized_linear
@@ -40,11 +41,6 @@ _KV_SKIP = (
     "This Atom checkpoint keeps the KV cache of layers {layers} in 16 bit (kv_skip_layers: their keys "
     "do not survive per-token INT4), but they run with INT4 here. Add --kv-cache-dtype-skip-layers "
     "{layers} (in Python: kv_cache_dtype_skip_layers=[...]).")
-
-_KV_CENTER = (
-    "This Atom checkpoint stores its INT4 keys centered (kv_center_k: `vllm-atom quantize --kv-center-k`), "
-    "which vLLM serving does not run yet: its cache write does not subtract each layer's "
-    "self_attn.k_center. `vllm-atom eval` simulates it; to serve, quantize again without --kv-center-k.")
 
 _NOT_ATOM = (
     "--quantization atom needs an Atom checkpoint, but {model} has no "
@@ -82,10 +78,7 @@ class AtomQuantConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AtomQuantConfig":
-        atom = AtomConfig.from_dict(config)
-        if atom.kv_center_k:
-            raise ValueError(_KV_CENTER)
-        return cls(atom)
+        return cls(AtomConfig.from_dict(config))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
@@ -99,9 +92,23 @@ class AtomQuantConfig(QuantizationConfig):
         if not self._from_checkpoint:
             raise ValueError(_NOT_ATOM.format(model=model_name))
 
+    def get_cache_scale_mapper(self) -> WeightsMapper:
+        mapper = super().get_cache_scale_mapper()
+        if self.atom.kv_center_k:
+            from vllm_atom.serve.kv_center import CHECKPOINT_TO_VLLM
+
+            mapper = mapper | CHECKPOINT_TO_VLLM
+        return mapper
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, Attention):
             self._check_kv_cache(layer)
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            if self.atom.kv_center_k and self.atom.kv_bits_for(extract_layer_index(layer.layer_name)) == 4:
+                from vllm_atom.serve.kv_center import AtomKVCenterMethod
+
+                return AtomKVCenterMethod(self)  # (the checkpoint has k_center for its INT4-KV layers only)
             return None
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head and attention stay 16-bit here
