@@ -78,7 +78,8 @@ def test_centered_keys_leave_attention_unchanged(rotate_k, g):
     """Keys with a large per-channel offset, written minus their center (`k_center`): decode and
     prefill rows over that cache equal fp32 attention over the keys fake-quantized the centered way
     plus the center, ``fake_quantize_kv(k, rotate_k, center)`` (softmax drops the q . center every
-    key of a query shares), and differ clearly from attention over the uncentered INT4 keys."""
+    key of a query shares; with rotate_k both sides in the Hadamard basis, the query rounded to
+    bf16 as the kernel's), and differ clearly from attention over the uncentered INT4 keys."""
     dtype, d, h, block = torch.bfloat16, 128, 2, BLOCK
     gen = torch.Generator(device=DEV).manual_seed(7 + g)
     offset = torch.randn(h, d, generator=gen, device=DEV) * 8
@@ -109,6 +110,8 @@ def test_centered_keys_leave_attention_unchanged(rotate_k, g):
             kq = R.fake_quantize_kv(keys[b].float(), rotate_k, center)  # fp32 [S, H, D]
             vq = R.fake_quantize_kv(values[b].float())
             qb = q[qsl[b]:qsl[b + 1]].float().view(ql, h, g, d)
+            if rotate_k:  # in the basis the kernel works in, its query rounded to the model dtype
+                kq, qb = R.hadamard_rotate(kq), R.hadamard_rotate(qb).to(dtype).float()
             logits = torch.einsum("qhgd,shd->qhgs", qb, kq) * d ** -0.5
             pos = torch.arange(s - ql, s, device=DEV)[:, None, None, None]
             logits = logits.masked_fill(torch.arange(s, device=DEV) > pos, float("-inf"))
