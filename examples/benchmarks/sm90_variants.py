@@ -21,7 +21,7 @@ The results are wrong by construction for every variant but "base": they only bo
              quantization (N = 4, 16, 64; use with --linear)
 
     python examples/benchmarks/sm90_variants.py [--variants base,nofold,...] [--m-list 1,128,8192] [--out DIR]
-        [--linear]
+        [--linear] [--shapes llama-3-8b:gate_up,...]
 
 Prints one table (microseconds and TOPS per variant) and writes sm90-variants-<gpu>.json.
 """
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--variants", default="base,nofold,nomma,noact,stream")
     ap.add_argument("--m-list", default="1,16,128,1024,8192")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--shapes", help="comma list of model:layer from bench_gemm.SHAPES (default: the four of SHAPES)")
     ap.add_argument("--linear", action="store_true",
                     help="time every variant as the whole linear (quantization, then the GEMM as a dependent launch)")
     args = ap.parse_args()
@@ -136,7 +137,10 @@ def main() -> None:
     default_cut = gemm_plan.SM90_E4M3_MIN_M
     dirs = {v: variant_dir(v, root, cuda_dir) for v in variants}
     rows = []
-    for model, layer, n, k in SHAPES:
+    shapes = SHAPES if not args.shapes else [s for s in bench_gemm.SHAPES if f"{s[0]}:{s[1]}" in args.shapes.split(",")]
+    if args.shapes and len(shapes) != len(args.shapes.split(",")):
+        raise SystemExit(f"--shapes: not all of {args.shapes} are in bench_gemm.SHAPES")
+    for model, layer, n, k in shapes:
         o = cfg.outliers_for(k)
         kn = k - o
         n_w = max(1, min(8, math.ceil(bench_gemm.ROTATE_BYTES / (n * k))))
