@@ -38,6 +38,47 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
       "}\n" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
+// The same on 32-bit shared addresses (kernels that keep their shared addresses in registers).
+__device__ __forceinline__ void mbar_wait_at(u32 bar, u32 parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_at(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+
+// Shared-memory loads at a 32-bit shared address (ordered after the barrier waits above).
+__device__ __forceinline__ uint4 lds128(u32 addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float2 lds_f2(u32 addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ u16 lds_u16(u32 addr) {
+  u16 v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr) : "memory");
+  return v;
+}
+
+// Keeps a value in a register (the compiler may not recompute what an asm produced).
+__device__ __forceinline__ u32 pin(u32 x) {
+  asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
+  return x;
+}
+
 // ---- bulk copies global -> shared, completion counted in bytes on an mbarrier ----
 
 __device__ __forceinline__ u64 policy_evict_first() {

@@ -73,6 +73,9 @@
 #ifndef PIPE  // 1: each consumer warpgroup keeps one step's MMAs in flight while it folds the step before
 #define PIPE 0
 #endif
+#ifndef LEAN  // 1: the consumers' step loop on 32-bit shared addresses kept in registers, the outlier
+#define LEAN 0  // step peeled off the loop (experiment: sm90_variants.py "lean"; not measured yet)
+#endif
 // Registers per thread after setmaxnreg: the CTA's 65,536 (launch bounds: 65536 / THREADS each,
 // a multiple of 8) shared as 128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS.
 #if WGC == 1
@@ -101,6 +104,7 @@ static_assert(128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS <= 65536 / THREADS
 static_assert((KS == 1 || KS == 2) && WGC % KS == 0, "KS splits the warpgroups into equal halves");
 static_assert(!PINGPONG || (WGC == 2 && KS == 1), "PINGPONG takes turns between two consumer warpgroups");
 static_assert(!PIPE || (KS == 1 && !PINGPONG && !E4M3), "PIPE is for one warpgroup per slab on s8 steps");
+static_assert(!LEAN || (KS == 1 && !PINGPONG && !E4M3 && !PIPE), "LEAN is for one warpgroup per slab on s8 steps");
 
 #if CS > 1
 #define CLUSTER_ATTR __cluster_dims__(1, CS, 1)
@@ -158,6 +162,37 @@ __device__ __forceinline__ void load_weights(const unsigned char* chunk, bool ou
     sw[1] = half_to_float(s[8]);
   }
 }
+
+#if LEAN
+// load_weights<false> at a 32-bit shared address, the step kind known at compile time.
+template <bool OUTL>
+__device__ __forceinline__ void load_weights_at(u32 chunk, const WOffsets& o, u32 (&a)[4][4], float (&sw)[2]) {
+  if (!OUTL) {
+    const uint4 lo = lds128(chunk + o.frag4), hi = lds128(chunk + o.frag4 + 512);  // rows g, g + 8
+    const u32 l[4] = {lo.x, lo.y, lo.z, lo.w}, h[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      a[kc][0] = (l[kc] << 4) & 0xF0F0F0F0u;
+      a[kc][1] = (h[kc] << 4) & 0xF0F0F0F0u;
+      a[kc][2] = l[kc] & 0xF0F0F0F0u;
+      a[kc][3] = h[kc] & 0xF0F0F0F0u;
+    }
+    sw[0] = half_to_float(lds_u16(chunk + o.scale4)) * 0.0625f;
+    sw[1] = half_to_float(lds_u16(chunk + o.scale4 + 16)) * 0.0625f;
+  } else {
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      const uint4 v = lds128(chunk + o.frag8 + kc * 512);
+      a[kc][0] = v.x;
+      a[kc][1] = v.y;
+      a[kc][2] = v.z;
+      a[kc][3] = v.w;
+    }
+    sw[0] = half_to_float(lds_u16(chunk + o.scale8));
+    sw[1] = half_to_float(lds_u16(chunk + o.scale8 + 16));
+  }
+}
+#endif
 
 // Issue the 4 k-chunks of one step on the WIDTH tokens whose 128-byte rows start at shared
 // address `act` (one commit group), s8 or e4m3; the first one overwrites the accumulators (only
@@ -268,6 +303,37 @@ struct PipedSteps {
 };
 #endif
 
+#if LEAN
+// The consumer steps of LEAN: shared addresses as 32-bit registers computed once (stage 0 of this
+// slab's weights and of this thread's scales, the barriers); `so` / `bar` walk the stages.
+struct LeanSteps {
+  u32 sb, fb, eb, wq, sq, so = 0, bar = 0, phase = 0;
+  __device__ __forceinline__ LeanSteps(unsigned char* smem, u64* full, u64* empty, int sl, int t)
+      : sb(pin(smem_addr(smem))), fb(pin(smem_addr(full))), eb(pin(smem_addr(empty))),
+        wq(pin(sb + W_OFF + sl * CHUNK8)), sq(pin(sb + SA_OFF + t * 16)) {}
+
+  template <bool OUTL>
+  __device__ __forceinline__ void step(float (&acc)[NACC], const WOffsets& wo, int lane) {
+    mbar_wait_at(fb + bar, phase);
+    u32 a[4][4];
+    float sw[2];
+    load_weights_at<OUTL>(wq + so, wo, a, sw);
+    float2 fa[BN / 8];  // scales of tokens 8i + 2t, 8i + 2t + 1
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) fa[i] = lds_f2(sq + so + 64 * i);
+    int c[NACC];
+    issue<BN, false>(c, a, sb + so);
+    wgmma_wait<0>();
+    fence_operand(c);
+    __syncwarp();
+    if (lane == 0) mbar_arrive_at(eb + bar);
+    fold<BN>(acc, c, sw, fa);
+    so += STAGE_BYTES, bar += 8;
+    if (bar == 8 * STAGES) so = 0, bar = 0, phase ^= 1;
+  }
+};
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
 w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
           const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
@@ -368,6 +434,14 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
       ps.fold_step<0, 0>(empty, sabase, ps.sp, lane);
     }
   }
+#elif LEAN
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+  LeanSteps ls(smem, full, empty, sl, t);
+  const int jg = min(j1, G);  // the INT4 steps [j0, jg) in the loop, the outlier step (j = G) after it
+  for (int j = j0; j < jg; ++j) ls.step<false>(acc, wo, lane);
+  if (j1 > G && j0 <= G) ls.step<true>(acc, wo, lane);
 #else
   float acc[NACC];
 #pragma unroll

@@ -9,6 +9,8 @@ The results are wrong by construction for every variant but "base": they only bo
     noact    the activation tile is not copied (no activation traffic from L2)
     stream   nofold + nomma: the producer's copies and the barriers alone
     pp1      PINGPONG on: two consumer warpgroups take turns issuing their MMAs
+    lean     the LEAN step loop (gemm_plan.SM90_LEAN: shared addresses in registers, the outlier
+             step peeled off) wherever it applies
     s8, e4m3 the shipped kernel with the INT4 groups on s8 / e4m3 wgmma at every M (the cut
              gemm_plan.SM90_E4M3_MIN_M set for the quantization and the GEMM alike); the patches
              above change the s8 path; NAME@e4m3 (nofold@e4m3, nomma@e4m3, stream@e4m3): their
@@ -94,7 +96,7 @@ def variant_cut(name: str, default: int) -> int:
 def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:
     d = root / name.replace(":", "-")
     shutil.copytree(cuda_dir, d)
-    if name == "linear" or name in CUTS:
+    if name in ("linear", "lean") or name in CUTS:
         return d
     if name.startswith("git:"):  # (needs a git checkout)
         for f in d.iterdir():
@@ -155,6 +157,7 @@ def main() -> None:
             for v in variants:
                 use_kernels(dirs[v])
                 gemm_plan.SM90_E4M3_MIN_M = variant_cut(v, default_cut)
+                gemm_plan.SM90_LEAN = int(v == "lean")
                 sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
                         for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:
@@ -173,6 +176,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     use_kernels(cuda_dir)
     gemm_plan.SM90_E4M3_MIN_M = default_cut
+    gemm_plan.SM90_LEAN = 0
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),

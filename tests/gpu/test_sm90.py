@@ -190,6 +190,31 @@ def test_few_steps_per_rank(m, shape, cfg, monkeypatch, variant):
     check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cfg[1] * cfg[2])
 
 
+@pytest.mark.parametrize("shape", ["llama2-7b-down", "odd-144", "odd-no-outliers"])
+@pytest.mark.parametrize("m,cfg", [(1, (1, 1)), (1, (2, 8)), (9, (4, 2)), (33, (3, 1)), (64, (2, 4)), (300, (2, 1)),
+                                   (1100, "b64")])
+def test_lean_configs(m, cfg, shape, monkeypatch):
+    """The LEAN step loop (VLLM_ATOM_SM90_LEAN=1: shared addresses in registers, the outlier step
+    peeled off the loop) on table picks (wgc, cs) and the 64 x 256 tiles: the same sums as without
+    it, also for short K (one group and the outlier block; two groups and none)."""
+    monkeypatch.setattr(gemm_plan, "SM90_LEAN", 1)
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    steps = layout.sizes(k, o)[2]
+    if cfg == "b64":
+        monkeypatch.setattr(gemm_plan, "SM90_B64_MIN_M", 1)
+    else:
+        monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
+    plan = gemm_plan.sm90_plan(m, n, k, steps, 132)[0]
+    assert plan.lean == 1
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check90(y, ref_quantize(x, idx, o), w, None, steps, plan.cs)
+
+
 @pytest.mark.parametrize("m", [1, 16, 33, 300, 2000])
 def test_w4a4_gemm_sm90_fp16_bias(m, variant):
     n, k = 1000, 640

@@ -60,7 +60,9 @@ class Sm90Config(NamedTuple):
     (2: they take alternate steps, a K split inside the CTA). A tile is wgc / ks slabs.
     e4m3: the INT4 groups on e4m3 wgmma (activations quantized with e4m3 bytes, `sm90_e4m3`).
     pipe: each warpgroup keeps a step's MMAs in flight while it folds the previous step (two
-    accumulator sets; ks = 1, s8 only; up to `SM90_PIPE_MAX_WGC`)."""
+    accumulator sets; ks = 1, s8 only; up to `SM90_PIPE_MAX_WGC`).
+    lean: the consumers' step loop on shared addresses kept in registers, the outlier step peeled
+    off (define LEAN; ks = 1, s8, no pipe; `SM90_LEAN`)."""
 
     bn: int
     wgc: int
@@ -69,6 +71,7 @@ class Sm90Config(NamedTuple):
     ks: int = 1
     e4m3: int = 0
     pipe: int = 0
+    lean: int = 0
 
     @property
     def slabs(self) -> int:
@@ -84,7 +87,7 @@ class Sm90Config(NamedTuple):
 
     def defines(self) -> tuple[tuple[str, int], ...]:
         return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs), ("KS", self.ks),
-                ("E4M3", self.e4m3)) + ((("PIPE", 1),) if self.pipe else ())
+                ("E4M3", self.e4m3)) + ((("PIPE", 1),) if self.pipe else ()) + ((("LEAN", 1),) if self.lean else ())
 
     @property
     def stage_bytes(self) -> int:
@@ -152,6 +155,10 @@ def sm90_width(m: int) -> int:
 # From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
 # consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster from
 # M = 2048 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
+# The LEAN step loop (`Sm90Config.lean`) wherever it applies; built, off until measured
+# (VLLM_ATOM_SM90_LEAN=1 turns it on).
+SM90_LEAN = int(os.environ.get("VLLM_ATOM_SM90_LEAN", "0"))
+
 # VLLM_ATOM_SM90_B64_MIN_M sets it (2^62: off).
 SM90_B64_WGC = 4
 SM90_B64_MIN_M = int(os.environ.get("VLLM_ATOM_SM90_B64_MIN_M", "2048"))
@@ -245,6 +252,8 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     cfg = cfg._replace(e4m3=int(sm90_e4m3(m)))
     if cfg.e4m3:
         cfg = cfg._replace(pipe=0)  # (PIPE is written for the s8 steps only)
+    if SM90_LEAN and cfg.ks == 1 and not cfg.pipe and not cfg.e4m3:
+        cfg = cfg._replace(lean=1)
     return cfg, math.ceil(steps / cfg.cs)
 
 
