@@ -439,8 +439,8 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
   LeanSteps ls(smem, full, empty, sl, t);
-  const int jg = min(j1, G);  // the INT4 steps [j0, jg) in the loop, the outlier step (j = G) after it
-  for (int j = j0; j < jg; ++j) ls.step<false>(acc, wo, lane);
+  // the INT4 steps [j0, min(j1, G)) in the loop, the outlier step (j = G) after it
+  for (int n = min(j1, G) - j0; n > 0; --n) ls.step<false>(acc, wo, lane);
   if (j1 > G && j0 <= G) ls.step<true>(acc, wo, lane);
 #else
   float acc[NACC];
