@@ -27,18 +27,7 @@ __device__ __forceinline__ void mbar_arrive(u64* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(smem_addr(bar)) : "memory");
 }
 
-// Blocks until the phase with the given parity has completed.
-__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-
-// The same on 32-bit shared addresses (kernels that keep their shared addresses in registers).
+// Blocks until the phase with the given parity has completed (barrier at a 32-bit shared address).
 __device__ __forceinline__ void mbar_wait_at(u32 bar, u32 parity) {
   asm volatile(
       "{\n"
@@ -48,6 +37,8 @@ __device__ __forceinline__ void mbar_wait_at(u32 bar, u32 parity) {
       "@!done bra WAIT_%=;\n"
       "}\n" :: "r"(bar), "r"(parity) : "memory");
 }
+
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) { mbar_wait_at(smem_addr(bar), parity); }
 
 __device__ __forceinline__ void mbar_arrive_at(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
