@@ -74,7 +74,7 @@
 #define PIPE 0
 #endif
 #ifndef LEAN  // 1: the consumers' step loop on 32-bit shared addresses kept in registers, the outlier
-#define LEAN 0  // step peeled off the loop (experiment: sm90_variants.py "lean"; not measured yet)
+#define LEAN 0  // step peeled off the loop (the plan turns it on wherever it applies: gemm_plan.SM90_LEAN)
 #endif
 // Registers per thread after setmaxnreg: the CTA's 65,536 (launch bounds: 65536 / THREADS each,
 // a multiple of 8) shared as 128 * PRODUCER_REGS + 128 * WGC * CONSUMER_REGS.

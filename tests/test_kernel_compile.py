@@ -57,13 +57,15 @@ def test_sm90_pipe_gemm_compiles(bn, wgc, cs):
     assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", 1),), "sm_90a")
 
 
+@pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("cs", SM90_SPLITS)
 @pytest.mark.parametrize("bn,wgc", [(bn, wgc) for bn in SM90_WIDTHS for wgc, ks in sm90_shapes(bn) if ks == 1])
-def test_sm90_lean_gemm_compiles(bn, wgc, cs):
-    """The LEAN step loop (32-bit shared addresses, the outlier step peeled off), bf16 output."""
+def test_sm90_lean_gemm_compiles(bn, wgc, cs, bf16):
+    """The LEAN step loop (32-bit shared addresses, the outlier step peeled off; what the plan
+    picks wherever ks = 1, s8, no PIPE), bf16 and fp16 output."""
     cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs, lean=1)
     assert ("LEAN", 1) in cfg.defines()
-    assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", 1),), "sm_90a")
+    assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
 
 
 @pytest.mark.parametrize("e4m3", [0, 1])

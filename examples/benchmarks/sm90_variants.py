@@ -9,8 +9,9 @@ The results are wrong by construction for every variant but "base": they only bo
     noact    the activation tile is not copied (no activation traffic from L2)
     stream   nofold + nomma: the producer's copies and the barriers alone
     pp1      PINGPONG on: two consumer warpgroups take turns issuing their MMAs
-    lean     the LEAN step loop (gemm_plan.SM90_LEAN: shared addresses in registers, the outlier
-             step peeled off) wherever it applies
+    oldloop  the step loop LEAN replaced (gemm_plan.SM90_LEAN = 0: shared addresses recomputed
+             every step, the outlier step inside the loop); the patches above (nofold, nomma,
+             noact, stream, pp1, l2pf) edit that loop, so they run on it: compare them with oldloop
     s8, e4m3 the shipped kernel with the INT4 groups on s8 / e4m3 wgmma at every M (the cut
              gemm_plan.SM90_E4M3_MIN_M set for the quantization and the GEMM alike); the patches
              above change the s8 path; NAME@e4m3 (nofold@e4m3, nomma@e4m3, stream@e4m3): their
@@ -93,10 +94,16 @@ def variant_cut(name: str, default: int) -> int:
     return CUTS["s8"] if name in ("nofold", "nomma", "noact", "stream") else default
 
 
+def variant_lean(name: str, default: int) -> int:
+    """gemm_plan.SM90_LEAN for a variant: the patched ones and oldloop run the loop their patches
+    edit (LEAN off), the rest as shipped (``default``)."""
+    return 0 if name == "oldloop" or (name in PATCHES and name != "base") else default
+
+
 def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:
     d = root / name.replace(":", "-")
     shutil.copytree(cuda_dir, d)
-    if name in ("linear", "lean") or name in CUTS:
+    if name in ("linear", "oldloop") or name in CUTS:
         return d
     if name.startswith("git:"):  # (needs a git checkout)
         for f in d.iterdir():
@@ -136,7 +143,7 @@ def main() -> None:
     cfg = AtomConfig()
     root = Path(tempfile.mkdtemp(prefix="sm90-variants-"))
     cuda_dir = _loader.CUDA_DIR
-    default_cut = gemm_plan.SM90_E4M3_MIN_M
+    default_cut, default_lean = gemm_plan.SM90_E4M3_MIN_M, gemm_plan.SM90_LEAN
     dirs = {v: variant_dir(v, root, cuda_dir) for v in variants}
     rows = []
     shapes = SHAPES if not args.shapes else [s for s in bench_gemm.SHAPES if f"{s[0]}:{s[1]}" in args.shapes.split(",")]
@@ -157,7 +164,7 @@ def main() -> None:
             for v in variants:
                 use_kernels(dirs[v])
                 gemm_plan.SM90_E4M3_MIN_M = variant_cut(v, default_cut)
-                gemm_plan.SM90_LEAN = int(v == "lean")
+                gemm_plan.SM90_LEAN = variant_lean(v, default_lean)
                 sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
                         for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:
@@ -176,7 +183,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     use_kernels(cuda_dir)
     gemm_plan.SM90_E4M3_MIN_M = default_cut
-    gemm_plan.SM90_LEAN = 0
+    gemm_plan.SM90_LEAN = default_lean
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),

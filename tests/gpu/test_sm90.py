@@ -193,11 +193,13 @@ def test_few_steps_per_rank(m, shape, cfg, monkeypatch, variant):
 @pytest.mark.parametrize("shape", ["llama2-7b-down", "odd-144", "odd-no-outliers"])
 @pytest.mark.parametrize("m,cfg", [(1, (1, 1)), (1, (2, 8)), (9, (4, 2)), (33, (3, 1)), (64, (2, 4)), (300, (2, 1)),
                                    (1100, "b64")])
-def test_lean_configs(m, cfg, shape, monkeypatch):
-    """The LEAN step loop (VLLM_ATOM_SM90_LEAN=1: shared addresses in registers, the outlier step
-    peeled off the loop) on table picks (wgc, cs) and the 64 x 256 tiles: the same sums as without
-    it, also for short K (one group and the outlier block; two groups and none)."""
-    monkeypatch.setattr(gemm_plan, "SM90_LEAN", 1)
+@pytest.mark.parametrize("lean", [1, 0])
+def test_lean_configs(m, cfg, shape, lean, monkeypatch):
+    """The LEAN step loop (the default: shared addresses in registers, the outlier step peeled off
+    the loop) and the loop it replaced (VLLM_ATOM_SM90_LEAN=0) on table picks (wgc, cs) and the
+    64 x 256 tiles: the same sums, also for short K (one group and the outlier block; two groups
+    and none)."""
+    monkeypatch.setattr(gemm_plan, "SM90_LEAN", lean)
     n, k = SHAPES[shape]
     o = outliers(k)
     steps = layout.sizes(k, o)[2]
@@ -206,7 +208,7 @@ def test_lean_configs(m, cfg, shape, monkeypatch):
     else:
         monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
     plan = gemm_plan.sm90_plan(m, n, k, steps, 132)[0]
-    assert plan.lean == 1
+    assert plan.lean == lean
     x, idx = make_input(m, k)
     w = make_weight(n, k, idx)
     wpack = prepacked(w)

@@ -155,9 +155,9 @@ def sm90_width(m: int) -> int:
 # From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
 # consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster from
 # M = 2048 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
-# The LEAN step loop (`Sm90Config.lean`) wherever it applies; built, off until measured
-# (VLLM_ATOM_SM90_LEAN=1 turns it on).
-SM90_LEAN = int(os.environ.get("VLLM_ATOM_SM90_LEAN", "0"))
+# The LEAN step loop (`Sm90Config.lean`) wherever it applies: measured as fast or faster at every
+# M on the four sm90_variants shapes (cuda/NOTES.md v3.10); VLLM_ATOM_SM90_LEAN=0 gives the old loop.
+SM90_LEAN = int(os.environ.get("VLLM_ATOM_SM90_LEAN", "1"))
 
 # VLLM_ATOM_SM90_B64_MIN_M sets it (2^62: off).
 SM90_B64_WGC = 4
