@@ -119,3 +119,25 @@ def test_sanitizer_resume_keeps_clean_chunks_and_runs_the_rest():
     assert spans == [] and sum(s["tests"] for s in again) == 100
     with pytest.raises(ValueError, match="not this selection"):
         reliability._sanitizer_spans(earlier, ids[:99], "sel")
+
+
+def test_sanitizer_record_names_the_part_it_reads_and_writes(tmp_path, monkeypatch):
+    """--sanitizer-record X: the sanitizer run resumes from and writes part X, and leaves the
+    record of the first run (part "sanitizer") as it was."""
+    seen = []
+
+    def fake_part(args, out, previous):
+        seen.append(previous)
+        return {"ok": True, "tests": 3}
+
+    monkeypatch.setattr(reliability, "part_sanitizer", fake_part)
+    monkeypatch.setattr(reliability.e2e, "gpu_info", lambda: ("NVIDIA H200", 1))
+    monkeypatch.setattr(reliability.e2e, "vllm_version", lambda: "0.26.0")
+    path = tmp_path / "reliability-h200.json"
+    path.write_text(json.dumps({"parts": {"sanitizer": {"ok": True, "tests": 1764},
+                                          "sanitizer-lean": {"ok": False, "tests": 2}}}))
+    rc = reliability.main(["--parts", "sanitizer", "--sanitizer-record", "sanitizer-lean", "--out", str(tmp_path),
+                           "--work", str(tmp_path / "w")])
+    parts = json.loads(path.read_text())["parts"]
+    assert rc == 0 and seen == [{"ok": False, "tests": 2}]
+    assert parts["sanitizer"] == {"ok": True, "tests": 1764} and parts["sanitizer-lean"]["tests"] == 3

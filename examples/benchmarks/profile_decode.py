@@ -95,6 +95,8 @@ def child(args) -> None:
     kw = dict(zip((a.lstrip("-").replace("-", "_") for a in extra[::2]), extra[1::2]))
     llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024,
               gpu_memory_utilization=0.5, enable_prefix_caching=False, seed=0,
+              # graphs only for the profiled batch (and 1): the step is the same, start-up shorter
+              compilation_config={"cudagraph_capture_sizes": sorted({1, args.batch})},
               profiler_config={"profiler": "torch", "torch_profiler_dir": trace_dir, "ignore_frontend": True,
                                "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False,
                                "torch_profiler_dump_cuda_time_total": False}, **kw)

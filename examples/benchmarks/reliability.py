@@ -606,6 +606,9 @@ def parse_args(argv=None):
     ap.add_argument("--sanitizer-chunk", type=int, default=30, help="tests per memcheck process")
     ap.add_argument("--sanitizer-resume", action="store_true",
                     help="keep the clean chunks of the committed sanitizer record; run only the tests they leave out")
+    ap.add_argument("--sanitizer-record", default="sanitizer",
+                    help="the part of the JSON the sanitizer run reads (--sanitizer-resume) and writes "
+                         "(a second record, e.g. after a kernel change, beside the first)")
     ap.add_argument("--sanitizer-min-free-gib", type=float, default=40,
                     help="start another memcheck process only while this much GPU memory is free")
     args = ap.parse_args(argv)
@@ -624,7 +627,7 @@ def main(argv=None) -> int:
     record = json.loads(path.read_text()) if path.exists() else {"parts": {}}
     run = {"soak": lambda: part_soak(args, work, False), "soak-prefix": lambda: part_soak(args, work, True),
            "bad-requests": lambda: part_bad_requests(args, work), "preempt": lambda: part_preempt(args, work),
-           "bad-checkpoints": lambda: part_bad_checkpoints(args, work), "sanitizer": lambda: part_sanitizer(args, work, record["parts"].get("sanitizer"))}
+           "bad-checkpoints": lambda: part_bad_checkpoints(args, work), "sanitizer": lambda: part_sanitizer(args, work, record["parts"].get(args.sanitizer_record))}
     for part in args.parts:
         t0 = time.time()
         try:
@@ -632,16 +635,18 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001  (a part that crashes is a result too)
             res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
         res.update(seconds_total=round(time.time() - t0, 1), commit=e2e.commit())
-        old = record["parts"].get(part, {})
+        key = args.sanitizer_record if part == "sanitizer" else part
+        old = record["parts"].get(key, {})
         if part == "bad-checkpoints" and args.mutations and "cases" in res:  # a subset: keep the other cases
             res["cases"] = {**old.get("cases", {}), **res["cases"]}
             res["ok"] = all(c["ok"] for c in res["cases"].values())
-        record["parts"][part] = res
-        print(f"{part:16} {'ok' if res.get('ok') else 'FAILED'}  ({res['seconds_total']} s)", flush=True)
+        record["parts"][key] = res
+        print(f"{key:16} {'ok' if res.get('ok') else 'FAILED'}  ({res['seconds_total']} s)", flush=True)
         record.update(device=device, vllm=e2e.vllm_version())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")
-    return 0 if all(record["parts"][p].get("ok") for p in args.parts) else 1
+    keys = [args.sanitizer_record if p == "sanitizer" else p for p in args.parts]
+    return 0 if all(record["parts"][k].get("ok") for k in keys) else 1
 
 
 if __name__ == "__main__":
