@@ -1,13 +1,14 @@
-"""--rotate (`vllm_atom.quantize.rotate`): the rotation is orthogonal, folding it leaves the model's
-function unchanged (tied and untied embeddings, Llama and Qwen2 with q/k/v biases), and a rotated
-checkpoint records it, stores the rotated tensors, evaluates on its own and refuses the ladder."""
+"""--rotate and --rotate-values (`vllm_atom.quantize.rotate`): the rotations are orthogonal, folding
+them leaves the model's function unchanged (tied and untied embeddings, Llama and Qwen2 with q/k/v
+biases, grouped kv heads), and a rotated checkpoint records it, stores the rotated tensors,
+evaluates as it should and refuses the ladder steps that would not fit it."""
 
 import pytest
 import torch
 
 from vllm_atom.config import AtomConfig
 from vllm_atom.quantize import InputError, quantize
-from vllm_atom.quantize.rotate import rotate_model, rotation_matrix
+from vllm_atom.quantize.rotate import rotate_model, rotate_values, rotation_matrix
 from test_quantize import OPTS, make_tiny  # noqa: E402  (tests/ is on sys.path)
 
 
@@ -63,3 +64,48 @@ def test_rotated_checkpoint(tmp_path):
     assert rows[0]["method"] == "atom" and rows[0]["ppl"] < 1e4
     with pytest.raises(InputError, match="--rotate"):
         evaluate(src, src / "eval.txt", seqlen=64, max_tokens=256, checkpoint=out, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_value_rotation_computes_the_same(arch):
+    """rotate_values: v_proj's rows and o_proj's columns turn per head (4 query heads on 2 kv
+    heads), the function stays; every head's value rows are spread (no row of v_proj kept)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    v0 = model.model.layers[0].self_attn.v_proj.weight.clone()
+    ids = torch.randint(0, 100, (2, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+        rotate_values(model, seed=2)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    v1 = model.model.layers[0].self_attn.v_proj.weight
+    q = rotation_matrix(64, 2 * 1_000_003)
+    torch.testing.assert_close(v1.double()[64:128], q.T @ v0.double()[64:128])
+    assert not any(torch.allclose(v1[i], v0[i]) for i in range(v0.shape[0]))
+
+
+def test_value_rotated_checkpoint(tmp_path):
+    """A --rotate-values checkpoint records the seed, evaluates against the 16-bit model (atom,
+    atom-kv4: the same function) and refuses the ladder steps that would reuse its o_proj reorder."""
+    from vllm_atom.checkpoint import load_checkpoint
+    from vllm_atom.evaluate import evaluate
+
+    src = make_tiny(tmp_path / "llama", layers=1)
+    out = tmp_path / "q"
+    quantize(src, out, src / "calib.txt", AtomConfig(n_outliers=128, value_rotation=3), OPTS, progress=False)
+    cfg, _, _ = load_checkpoint(out)
+    assert cfg.value_rotation == 3 and cfg.rotation is None
+    rows = evaluate(src, src / "eval.txt", seqlen=64, max_tokens=256, checkpoint=out, progress=False)
+    assert [r["method"] for r in rows] == ["fp16", "rtn", "atom", "atom-kv4"]
+    assert all(r["ppl"] < 1e4 for r in rows)
+    with pytest.raises(InputError, match="--rotate-values"):
+        evaluate(src, src / "eval.txt", seqlen=64, max_tokens=256, checkpoint=out, methods=["clip"], progress=False)

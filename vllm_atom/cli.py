@@ -70,7 +70,8 @@ def _quantize(args) -> int:
                      kv_bits=None if args.kv_bits == 16 else args.kv_bits,
                      a_clip=args.a_clip, w_clip=args.w_clip, kv_smooth=args.kv_smooth,
                      kv_rotate_k=args.kv_rotate_k, kv_center_k=args.kv_center_k and args.kv_bits == 4,
-                     kv_skip_layers=skip, rotation=args.seed if args.rotate else None)
+                     kv_skip_layers=skip, rotation=args.seed if args.rotate else None,
+                     value_rotation=args.seed if args.rotate_values else None)
     opts = QuantizeOptions(nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                            metric=args.metric, gptq=not args.no_gptq, damp=args.damp,
                            clip_search=args.w_clip_search, seed=args.seed, kv_skip_threshold=threshold)
@@ -162,6 +163,10 @@ def build_parser() -> Parser:
     q.add_argument("--rotate", action="store_true",
                    help="fold a random Hadamard rotation of the residual stream into the weights first "
                         "(QuaRot's R1; norms folded, lm_head untied; the checkpoint runs as usual)")
+    q.add_argument("--rotate-values", action="store_true",
+                   help="fold a random Hadamard rotation of each attention head's values into v_proj "
+                        "and o_proj first (QuaRot's R2: the INT4 value cache and o_proj's input are "
+                        "quantized in the rotated basis; the checkpoint runs as usual)")
     q.add_argument("--kv-smooth", type=Number(float, 0, 1), default=0.5,
                    help="key smoothing exponent folded into q_proj/k_proj (0 = off)")
     q.add_argument("--kv-rotate-k", action=argparse.BooleanOptionalAction, default=True,
@@ -176,7 +181,7 @@ def build_parser() -> Parser:
                         "also keeps every layer whose attention output INT4 K/V change by more "
                         "than THRESHOLD (relative L2, default 0.5) on the calibration data")
     q.add_argument("--seed", type=Number(int, lo=0), default=0,
-                   help="seed of the calibration window choice (and of --rotate's rotation)")
+                   help="seed of the calibration window choice (and of the --rotate / --rotate-values rotations)")
     q.set_defaults(fn=_quantize, parser=q)
 
     e = sub.add_parser("eval", help="perplexity / KL / top-1 of simulated quantization",

@@ -58,6 +58,9 @@ class AtomConfig:
         rotation: the seed of the residual-stream rotation the quantizer folded into the weights
             (``vllm-atom quantize --rotate``, `vllm_atom.quantize.rotate`), or None. Informational:
             the checkpoint's embeddings, norms and lm_head are the rotated ones, so it runs as is.
+        value_rotation: the seed of the per-head value rotation the quantizer folded into v_proj
+            and o_proj (``vllm-atom quantize --rotate-values``, `vllm_atom.quantize.rotate.rotate_values`),
+            or None. Informational: the stored weights are the rotated ones, so it runs as is.
         format_version: on-disk format version (see `vllm_atom.format`).
     """
 
@@ -75,6 +78,7 @@ class AtomConfig:
     kv_skip_layers: tuple[int, ...] = ()
     row_shards: int = 1
     rotation: int | None = None
+    value_rotation: int | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -102,6 +106,8 @@ class AtomConfig:
                "a positive integer")
         _check(self.rotation is None or (_is_int(self.rotation) and self.rotation >= 0), "rotation",
                self.rotation, "null or a non-negative integer seed")
+        _check(self.value_rotation is None or (_is_int(self.value_rotation) and self.value_rotation >= 0),
+               "value_rotation", self.value_rotation, "null or a non-negative integer seed")
         _check(self.format_version in SUPPORTED_FORMAT_VERSIONS, "format_version",
                self.format_version, f"one of {SUPPORTED_FORMAT_VERSIONS}")
 

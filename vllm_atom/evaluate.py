@@ -226,6 +226,11 @@ def _rotated(ckpt) -> bool:
     return q.get("rotation") is not None
 
 
+def _values_rotated(ckpt) -> bool:
+    q = read_model_config(ckpt, "checkpoint directory").get("quantization_config") or {}
+    return q.get("value_rotation") is not None
+
+
 def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[int],
                       methods: Optional[Sequence[str]], pipeline: str) -> tuple:
     """Fail before the model loads: ValueError / InputError on bad arguments or directories.
@@ -254,6 +259,10 @@ def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[
     for m in methods or ():
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m in _RTN_STEPS and checkpoint is not None and _values_rotated(checkpoint):
+            raise InputError(f"{checkpoint}: quantized with --rotate-values, so its o_proj reorder belongs to "
+                             f"the rotated values; method {m!r} would apply it to the 16-bit model's o_proj "
+                             f"(use fp16, rtn, atom, atom-kv4)")
         if m in ("atom", "atom-kv4") and checkpoint is None:
             raise ValueError(f"method {m!r} needs an Atom checkpoint (--checkpoint)")
         if m in _RTN_STEPS and checkpoint is None:
@@ -272,6 +281,8 @@ def choose_methods(methods: Optional[Sequence[str]], ckpt_only: bool, cfg: Optio
             methods = ["atom-kv4" if cfg.kv_bits == 4 else "atom"]
         else:
             methods = ["fp16", "rtn"] + ([m for m in METHODS[2:]] if atom is not None else [])
+            if cfg is not None and cfg.value_rotation is not None:  # (see check_eval_inputs)
+                methods = [m for m in methods if m not in _RTN_STEPS]
     methods = list(methods)
     for m in methods:
         if m not in METHODS:

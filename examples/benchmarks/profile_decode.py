@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="profile-decode-"))
     device = (bench_e2e.gpu_info() or ("unknown GPU", 0))[0]
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in args.configs.split(","):
         cfg, env = CONFIGS[name]
         quant = bench_e2e.CONFIGS[cfg]
@@ -136,20 +138,27 @@ def main(argv: list[str] | None = None) -> None:
                "--child", str(model_dir), json.dumps(list(quant.args)), str(root / f"trace-{name}")]
         # a session of its own, so that a timeout also ends the engine core it started (else it
         # keeps its GPU memory and the next config fails to start)
-        p = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
-        try:
-            stdout, stderr = p.communicate(timeout=args.timeout)
-            line = next((ln for ln in stdout.splitlines() if ln.startswith("PROFILE ")), None)
-            row = json.loads(line[8:]) if line else {"error": (stderr.strip().splitlines() or ["?"])[-1][:300]}
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            _, stderr = p.communicate()
-            row = {"error": f"timed out after {args.timeout:.0f} s", "stderr_tail": stderr.splitlines()[-5:]}
+        # (the engine's log goes to a file as it is written: a run cut short by an outer limit
+        # still shows how far it got)
+        log_path = out / f"profile-decode-{name}.log"
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=log,
+                                 text=True, start_new_session=True)
+            try:
+                stdout, _ = p.communicate(timeout=args.timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                stdout, _ = p.communicate()
+                timed_out = True
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("PROFILE ")), None)
+        if timed_out:
+            row = {"error": f"timed out after {args.timeout:.0f} s", "stderr_tail": tail}
+        else:
+            row = json.loads(line[8:]) if line else {"error": (tail or ["?"])[-1][:300]}
         rows.append({"config": name, "model": args.model, "batch": args.batch, "steps": args.steps, **row})
         print(f"{name}: " + (json.dumps(row["us_per_step"]) if "us_per_step" in row else row["error"]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"profile-decode-{bench_e2e.gpu_tag(device)}.json"
     path.write_text(json.dumps({"device": device, "commit": bench_e2e.commit(), "vllm": bench_e2e.vllm_version(),
                                 "rows": rows}, indent=1))

@@ -49,7 +49,7 @@ from vllm_atom.quantize.gptq import gptq_quantize, rtn_quantize
 from vllm_atom.quantize.key_center import KeyMean
 from vllm_atom.quantize.kv_sensitivity import kv4_attention_error
 from vllm_atom.quantize.reorder import input_groups, reorder_index
-from vllm_atom.quantize.rotate import rotate_model
+from vllm_atom.quantize.rotate import rotate_model, rotate_values
 from vllm_atom.quantize.smooth import KeyPairMax, fold_key_smoothing, smoothing_factors
 from vllm_atom.simulate import (ActScheme, SimLinear, SimState, permute_columns, run_layer,
                                 set_kv_bits, use_sim_attention, wrap_linears)
@@ -467,6 +467,8 @@ def quantize(model_dir, out_dir, calib_text, cfg: Optional[AtomConfig] = None,
     io_dtype = next(model.parameters()).dtype
     if cfg.rotation is not None:  # before anything reads the weights (unties lm_head)
         rotate_model(model, cfg.rotation)
+    if cfg.value_rotation is not None:
+        rotate_values(model, cfg.value_rotation)
     use_sim_attention(model)
     writer = CheckpointWriter(out_dir, opts.max_shard_bytes)
     write_unquantized(model, writer)  # first: embeddings, norms, lm_head

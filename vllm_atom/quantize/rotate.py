@@ -1,4 +1,5 @@
-"""Residual-stream rotation folded into a Llama / Qwen2 model's weights (QuaRot's R1), before quantizing.
+"""Rotations folded into a Llama / Qwen2 model's weights before quantizing: the residual stream's
+(QuaRot's R1, `rotate_model`) and the attention values' (R2, `rotate_values`).
 
 The hidden state h (a row vector of size d) is replaced everywhere by h Q for an orthogonal Q:
 the embeddings become E Q; each RMSNorm's weight g is folded into the linears it feeds (W diag(g))
@@ -90,3 +91,31 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         writes(mlp.down_proj)
     reads(model.lm_head, model.model.norm.weight)
     model.model.norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_values(model: nn.Module, seed: int = 0) -> None:
+    """Fold a rotation of every attention head's values into v_proj and o_proj, in place.
+
+    Per layer one orthogonal Q (`rotation_matrix` of head_dim, from ``seed`` and the layer index:
+    random signs times the Walsh-Hadamard matrix) turns each value row v (one kv head, head_dim)
+    into v Q: v_proj's rows of each kv head become Q^T W_g (its bias b_g Q). Attention mixes value
+    rows of a head linearly, so each query head's output is rotated the same way, and o_proj's
+    columns of each head become W_h Q, which undoes it: the model computes the same function up to
+    the rounding of the rotated weights. What changes is what gets quantized: the INT4 value cache
+    and o_proj's input see every head's large channels spread over the head."""
+    _check(model)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        d = getattr(attn, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        v, o = attn.v_proj, attn.o_proj
+        if v.out_features % d or o.in_features % d:
+            raise ValueError(f"layer {i}: v_proj out {v.out_features} / o_proj in {o.in_features} "
+                             f"are not multiples of head_dim {d}")
+        q = rotation_matrix(d, seed * 1_000_003 + i)
+        w = v.weight.double().view(-1, d, v.in_features)  # [kv heads, d, in]
+        v.weight.copy_(torch.einsum("ed,gdi->gei", q.T, w).reshape(v.weight.shape).to(v.weight.dtype))
+        if v.bias is not None:
+            v.bias.copy_((v.bias.double().view(-1, d) @ q).reshape(-1).to(v.bias.dtype))
+        w = o.weight.double().view(o.out_features, -1, d)  # [out, heads, d]
+        o.weight.copy_((w @ q).reshape(o.weight.shape).to(o.weight.dtype))
