@@ -7,7 +7,6 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 source .devbundle/vllm_env.sh > "$OUT/env.log" 2>&1 || { cat "$OUT/env.log"; exit 1; }
 source tests/gpu/plugin_env.sh
-export VLLM_ATOM_KERNEL_CACHE=$PWD/.scratch/kcache
 cp examples/benchmarks/results/reliability-h200.json "$OUT/" 2>/dev/null
 timeout ${LIMIT:-560} python examples/benchmarks/reliability.py --parts "$PARTS" --out "$OUT" --work /tmp/rw ${EXTRA:-} \
     ${SANITIZER_K:+--sanitizer-k "$SANITIZER_K"} 2>&1 | tail -20

@@ -6,14 +6,14 @@
 # E2E_K (a pytest -k expression) adds tests/gpu/test_vllm_e2e.py; BENCH=0 skips the benchmark.
 # Pass ATOM_COMMIT=<hash> for the JSON's commit field: git on the device machine can report a
 # stale HEAD (it did on 2026-12-02).
-# Compiling on the device costs its time: fill a cache here first and carry it,
-#     VLLM_ATOM_KERNEL_CACHE=$PWD/.scratch/kcache pytest -q tests/test_kernel_compile.py
-# (then drop its sm_80/sm_89 cubins), carry .scratch/kcache and export the same variable there.
+# Compiling on the device costs its time: `bash tests/gpu/kernel_cache.sh build` here first and
+# carry .kcache.tar.xz (tests/gpu/kernel_cache.sh).
 set -uo pipefail
 export OUT=${OUT:-/tmp/atom-out}; mkdir -p "$OUT"
 t0=$(date +%s); BUDGET=${BUDGET:-540}
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 source .devbundle/vllm_env.sh > "$OUT/env.log" 2>&1 || { cat "$OUT/env.log"; exit 1; }
+[ -n "${VLLM_ATOM_KERNEL_CACHE:-}" ] || source tests/gpu/kernel_cache.sh
 export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 run() {  # run NAME SECONDS CMD...
