@@ -21,11 +21,12 @@ def test_rotation_is_orthogonal_and_seeded(d):
     assert q.abs().max() < 0.5  # spread: no channel stays on its own
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", True)])
-def test_rotated_model_computes_the_same(arch, tied):
+def random_model(arch: str, hidden: int, tied: bool = False):
+    """A random 2-layer Llama / Qwen2 (4 query heads on 2 kv heads), norms away from 1, biases
+    drawn (Qwen2's q/k/v)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    kw = dict(hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+    kw = dict(hidden_size=hidden, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = (LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))).eval()
@@ -35,12 +36,23 @@ def test_rotated_model_computes_the_same(arch, tied):
                 p.copy_(1 + 0.5 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.normal_()
+    return model
+
+
+def assert_same_function(model, fold) -> None:
+    """``fold(model)`` (in place) leaves the logits of random tokens as they were."""
     ids = torch.randint(0, 100, (2, 24))
     with torch.no_grad():
         want = model(ids).logits
-        rotate_model(model, seed=1)
+        fold(model)
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_rotated_model_computes_the_same(arch, tied):
+    model = random_model(arch, 192, tied)
+    assert_same_function(model, lambda m: rotate_model(m, seed=1))
     assert not model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     assert all(torch.all(layer.input_layernorm.weight == 1) for layer in model.model.layers)
@@ -70,23 +82,9 @@ def test_rotated_checkpoint(tmp_path):
 def test_value_rotation_computes_the_same(arch):
     """rotate_values: v_proj's rows and o_proj's columns turn per head (4 query heads on 2 kv
     heads), the function stays; every head's value rows are spread (no row of v_proj kept)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    kw = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=100)
-    torch.manual_seed(0)
-    model = (LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_()
+    model = random_model(arch, 256)
     v0 = model.model.layers[0].self_attn.v_proj.weight.clone()
-    ids = torch.randint(0, 100, (2, 24))
-    with torch.no_grad():
-        want = model(ids).logits
-        rotate_values(model, seed=2)
-        got = model(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_same_function(model, lambda m: rotate_values(m, seed=2))
     v1 = model.model.layers[0].self_attn.v_proj.weight
     q = rotation_matrix(64, 2 * 1_000_003)
     torch.testing.assert_close(v1.double()[64:128], q.T @ v0.double()[64:128])
