@@ -12,6 +12,7 @@ The results are wrong by construction for every variant but "base": they only bo
     oldloop  the step loop LEAN replaced (gemm_plan.SM90_LEAN = 0: shared addresses recomputed
              every step, the outlier step inside the loop); the patches above (nofold, nomma,
              noact, stream, pp1, l2pf) edit that loop, so they run on it: compare them with oldloop
+    lean     the LEAN loop wherever it applies (what base runs since it became the default)
     s8, e4m3 the shipped kernel with the INT4 groups on s8 / e4m3 wgmma at every M (the cut
              gemm_plan.SM90_E4M3_MIN_M set for the quantization and the GEMM alike); the patches
              above change the s8 path; NAME@e4m3 (nofold@e4m3, nomma@e4m3, stream@e4m3): their
@@ -97,13 +98,15 @@ def variant_cut(name: str, default: int) -> int:
 def variant_lean(name: str, default: int) -> int:
     """gemm_plan.SM90_LEAN for a variant: the patched ones and oldloop run the loop their patches
     edit (LEAN off), the rest as shipped (``default``)."""
+    if name == "lean":
+        return 1
     return 0 if name == "oldloop" or (name in PATCHES and name != "base") else default
 
 
 def variant_dir(name: str, root: Path, cuda_dir: Path) -> Path:
     d = root / name.replace(":", "-")
     shutil.copytree(cuda_dir, d)
-    if name in ("linear", "oldloop") or name in CUTS:
+    if name in ("linear", "oldloop", "lean") or name in CUTS:
         return d
     if name.startswith("git:"):  # (needs a git checkout)
         for f in d.iterdir():
