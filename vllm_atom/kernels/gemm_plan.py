@@ -152,13 +152,13 @@ def sm90_width(m: int) -> int:
     return next((w for w in SM90_WIDTHS if m <= w), SM90_WIDTHS[-1])
 
 
-# From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
-# consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster from
-# M = 2048 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
 # The LEAN step loop (`Sm90Config.lean`) wherever it applies: measured as fast or faster at every
 # M on the four sm90_variants shapes (cuda/NOTES.md v3.10); VLLM_ATOM_SM90_LEAN=0 gives the old loop.
 SM90_LEAN = int(os.environ.get("VLLM_ATOM_SM90_LEAN", "1"))
 
+# From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
+# consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster from
+# M = 2048 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
 # VLLM_ATOM_SM90_B64_MIN_M sets it (2^62: off).
 SM90_B64_WGC = 4
 SM90_B64_MIN_M = int(os.environ.get("VLLM_ATOM_SM90_B64_MIN_M", "2048"))
