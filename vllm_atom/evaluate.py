@@ -221,14 +221,11 @@ def ladder_states(sim: SimModel, method: str, atom_states: Optional[list], cfg: 
     return states
 
 
-def _rotated(ckpt) -> bool:
+def _rotated(ckpt, field: str = "rotation") -> bool:
+    """Whether the checkpoint's quantization_config records a rotation (``rotation``: --rotate,
+    ``value_rotation``: --rotate-values)."""
     q = read_model_config(ckpt, "checkpoint directory").get("quantization_config") or {}
-    return q.get("rotation") is not None
-
-
-def _values_rotated(ckpt) -> bool:
-    q = read_model_config(ckpt, "checkpoint directory").get("quantization_config") or {}
-    return q.get("value_rotation") is not None
+    return q.get(field) is not None
 
 
 def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[int],
@@ -259,7 +256,7 @@ def check_eval_inputs(model_path, checkpoint, seqlen: int, max_tokens: Optional[
     for m in methods or ():
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if m in _RTN_STEPS and checkpoint is not None and _values_rotated(checkpoint):
+        if m in _RTN_STEPS and checkpoint is not None and _rotated(checkpoint, "value_rotation"):
             raise InputError(f"{checkpoint}: quantized with --rotate-values, so its o_proj reorder belongs to "
                              f"the rotated values; method {m!r} would apply it to the 16-bit model's o_proj "
                              f"(use fp16, rtn, atom, atom-kv4)")

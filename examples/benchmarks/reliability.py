@@ -628,6 +628,10 @@ def main(argv=None) -> int:
     run = {"soak": lambda: part_soak(args, work, False), "soak-prefix": lambda: part_soak(args, work, True),
            "bad-requests": lambda: part_bad_requests(args, work), "preempt": lambda: part_preempt(args, work),
            "bad-checkpoints": lambda: part_bad_checkpoints(args, work), "sanitizer": lambda: part_sanitizer(args, work, record["parts"].get(args.sanitizer_record))}
+
+    def record_key(part: str) -> str:  # the JSON part a run's result goes to
+        return args.sanitizer_record if part == "sanitizer" else part
+
     for part in args.parts:
         t0 = time.time()
         try:
@@ -635,7 +639,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001  (a part that crashes is a result too)
             res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
         res.update(seconds_total=round(time.time() - t0, 1), commit=e2e.commit())
-        key = args.sanitizer_record if part == "sanitizer" else part
+        key = record_key(part)
         old = record["parts"].get(key, {})
         if part == "bad-checkpoints" and args.mutations and "cases" in res:  # a subset: keep the other cases
             res["cases"] = {**old.get("cases", {}), **res["cases"]}
@@ -645,8 +649,7 @@ def main(argv=None) -> int:
         record.update(device=device, vllm=e2e.vllm_version())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")
-    keys = [args.sanitizer_record if p == "sanitizer" else p for p in args.parts]
-    return 0 if all(record["parts"][k].get("ok") for k in keys) else 1
+    return 0 if all(record["parts"][record_key(p)].get("ok") for p in args.parts) else 1
 
 
 if __name__ == "__main__":

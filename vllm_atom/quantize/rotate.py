@@ -48,10 +48,14 @@ def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
     return signs[:, None] * torch.kron(r.contiguous(), h)
 
 
-def _check(model: nn.Module) -> None:
+def _check_model_type(model: nn.Module, flag: str) -> None:
     mtype = getattr(model.config, "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"--rotate supports model types {SUPPORTED_MODEL_TYPES}, not {mtype!r}")
+        raise ValueError(f"{flag} supports model types {SUPPORTED_MODEL_TYPES}, not {mtype!r}")
+
+
+def _check(model: nn.Module) -> None:
+    _check_model_type(model, "--rotate")
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if getattr(norm, "bias", None) is not None:
@@ -104,7 +108,7 @@ def rotate_values(model: nn.Module, seed: int = 0) -> None:
     columns of each head become W_h Q, which undoes it: the model computes the same function up to
     the rounding of the rotated weights. What changes is what gets quantized: the INT4 value cache
     and o_proj's input see every head's large channels spread over the head."""
-    _check(model)
+    _check_model_type(model, "--rotate-values")
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         d = getattr(attn, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
