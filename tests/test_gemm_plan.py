@@ -21,6 +21,8 @@ def test_sm90_plan_is_valid(m, n, k):
     assert cfg.bn in gp.SM90_WIDTHS and cfg.cs in gp.SM90_SPLITS
     if m >= gp.SM90_B64_MIN_M:  # the large-M rule's 64 x 256 tiles
         assert (cfg.bn, cfg.wgc) == (64, gp.SM90_B64_WGC)
+    elif (gp.sm90_mid_bucket(m), n, k) in gp.SM90_MID_TUNED and (gp.sm90_width(m), n, k) not in gp.SM90_TUNED:
+        assert cfg[:2] == gp.SM90_MID_TUNED[(gp.sm90_mid_bucket(m), n, k)][:2]  # a measured mid-size pick
     else:  # the narrowest width that holds M
         assert cfg.bn >= min(m, 128) and (cfg.bn == 8 or cfg.bn // 2 < m)
     assert cfg.rows % (2 * cfg.cs) == 0 and cfg.smem_bytes <= gp.SM90_SMEM
@@ -114,3 +116,34 @@ def test_b64_tiles_from_the_large_m_rule(monkeypatch):
     assert at.smem_bytes <= gp.SM90_SMEM and at in gp.sm90_configs(4096, 4096, 33, 132, max_m=2 * cut)
     monkeypatch.setitem(gp.SM90_TUNED, (128, 4096, 4096), (2, 1))
     assert gp.sm90_plan(cut, 4096, 4096, 33, 132)[0].bn == 128
+
+
+def test_mid_table_picks_a_narrower_tile(monkeypatch):
+    """An SM90_MID_TUNED entry (bn, wgc, cs, ks) holds for M in its bucket (bucket / 2, bucket] only:
+    here 64-token tiles (two of them at M = 100) under the widest width's 128; SM90_TUNED (M <= 64)
+    and the large-M rule are untouched; sm90_configs lists the pick for compiling up front."""
+    monkeypatch.setitem(gp.SM90_MID_TUNED, (128, 4096, 4096), (64, 2, 2, 1))
+    monkeypatch.setitem(gp.SM90_MID_TUNED, (1024, 4096, 4096), (64, 4, 1, 2))
+    assert [gp.sm90_mid_bucket(m) for m in (1, 64, 65, 128, 129, 1024, 1025)] == [None, None, 128, 128, 256, 1024, None]
+    for m in (65, 100, 128):
+        cfg, per_split = gp.sm90_plan(m, 4096, 4096, 33, 132)
+        assert (cfg.bn, cfg.wgc, cfg.cs, cfg.ks, cfg.lean) == (64, 2, 2, 1, gp.SM90_LEAN) and per_split == 17
+        assert cfg in gp.sm90_configs(4096, 4096, 33, 132, max_m=m)
+    assert gp.sm90_plan(129, 4096, 4096, 33, 132)[0].bn == 128  # bucket 256: no entry, the model
+    assert gp.sm90_plan(64, 4096, 4096, 33, 132)[0][:4] == (64, *gp.SM90_TUNED[(64, 4096, 4096)][:1],
+                                                          gp.sm90_stages(64, 2, 2), 2)
+    cfg = gp.sm90_plan(1000, 4096, 4096, 33, 132)[0]
+    assert (cfg.bn, cfg.wgc, cfg.cs, cfg.ks, cfg.slabs) == (64, 4, 1, 2, 2) and cfg.smem_bytes <= gp.SM90_SMEM
+    assert gp.sm90_plan(3, 4096, 4096, 2, 132)[0].cs == 1  # (the split still bounded by the steps)
+    assert gp.sm90_plan(100, 4096, 4096, 3, 132)[0].cs == 1
+    monkeypatch.setattr(gp, "BATCH_INVARIANT", True)  # one K split at every M, entries or not
+    assert {gp.sm90_plan(m, 4096, 4096, 33, 132)[0][3:5] for m in (1, 100, 1000)} == {
+        (gp.sm90_plan(1, 4096, 4096, 33, 132)[0].cs, 1)}
+
+
+def test_mid_table_entries_are_compiled_configs():
+    """Every shipped mid-size entry is a (wgc, ks) the kernel compiles for its width and fits."""
+    for (bucket, n, k), (bn, wgc, cs, ks) in gp.SM90_MID_TUNED.items():
+        assert bucket in (128, 256, 512, 1024) and bn in gp.SM90_WIDTHS and cs in gp.SM90_SPLITS
+        assert (wgc, ks) in gp.sm90_shapes(bn)
+        assert gp.Sm90Config(bn, wgc, gp.sm90_stages(bn, wgc, ks), cs, ks).smem_bytes <= gp.SM90_SMEM

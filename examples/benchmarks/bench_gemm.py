@@ -251,9 +251,10 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
                 continue
             rows.append(dict(M=m, N=n, K=k, impl=name, time_us=round(us, 3), hbm_bytes=nbytes,
                              gbps=round(nbytes / us / 1e3, 1), tops=round(2 * m * n * k / us / 1e6, 1)))
-        if sweep_splits and sm90 and m <= 256:
+        if sweep_splits and sm90 and m <= gemm_plan.SM90_MID_MAX_M:
             bn = gemm_plan.sm90_width(m)
             saved = gemm_plan.SM90_TUNED.pop((bn, n, k), None)
+            saved_mid = gemm_plan.SM90_MID_TUNED.pop((gemm_plan.sm90_mid_bucket(m), n, k), None)  # picked: the model's
             picked = gemm_plan.sm90_plan(m, n, k, steps, torch.cuda.get_device_properties(0).multi_processor_count,
                                          cuda_ops._cluster_slots(0))[0]
             for c in gemm_plan.sm90_candidates(m, pipe=True):
@@ -266,6 +267,8 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
             del gemm_plan.SM90_TUNED[(bn, n, k)]
             if saved:
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved
+            if saved_mid:
+                gemm_plan.SM90_MID_TUNED[(gemm_plan.sm90_mid_bucket(m), n, k)] = saved_mid
         if sweep_width and sm90:  # every (wgc, cs, ks) of another tile width at this M
             width, saved = gemm_plan.sm90_width, dict(gemm_plan.SM90_TUNED)
             gemm_plan.sm90_width = lambda _m: sweep_width
@@ -403,7 +406,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few shapes and sizes only")
     ap.add_argument("--all-models", action="store_true", help="also SmolLM2 and Qwen2.5 layers")
     ap.add_argument("--sweep-splits", action="store_true",
-                    help="also time every sm90 config of M's width at M <= 256, PIPE ones too (rows "
+                    help="also time every sm90 config of M's width at M <= 1024 (SM90_MID_MAX_M), PIPE ones too (rows "
                     "atom_gemm_w<wgc>c<cs>[k2][p])")
     ap.add_argument("--sweep-ks", type=int, help="with --sweep-splits: only the configs with this many "
                     "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
@@ -445,6 +448,7 @@ def main() -> None:
     (out / f"gemm-{tag}.json").write_text(json.dumps(
         dict(device=device, commit=commit(), torch=torch.__version__, cuda=torch.version.cuda,
              sm90_tuned={f"{k[0]},{k[1]},{k[2]}": v for k, v in gemm_plan.SM90_TUNED.items()},
+             sm90_mid_tuned={f"{k[0]},{k[1]},{k[2]}": v for k, v in gemm_plan.SM90_MID_TUNED.items()},
              cluster_slots=cuda_ops._cluster_slots(0) if ops.use_sm90(torch.device("cuda")) else None,
              summary=summary, rows=main_rows, detail=detail), indent=1))
     plot(rows, shapes, out / f"gemm-{tag}.png", device)

@@ -172,6 +172,23 @@ def test_b64_tiles_at_large_m(m, shape, monkeypatch, variant):
     check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], 1)
 
 
+@pytest.mark.parametrize("cs", (1, 2, 4))
+@pytest.mark.parametrize("m,wgc,ks", [(m, *shape) for m in (100, 256, 777) for shape in gemm_plan.sm90_shapes(64)])
+def test_mid_table_tiles(m, wgc, ks, cs, monkeypatch, variant):
+    """An SM90_MID_TUNED entry: 64-token tiles at mid sizes (two to thirteen of them, the last one
+    partial at M = 100 and 777) with every warpgroup shape and cluster split of width 64."""
+    n, k = SHAPES["llama2-7b-down"]
+    o = outliers(k)
+    monkeypatch.setitem(gemm_plan.SM90_MID_TUNED, (gemm_plan.sm90_mid_bucket(m), n, k), (64, wgc, cs, ks))
+    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == (64, wgc)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
+
+
 @pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])
 @pytest.mark.parametrize("m,cfg", [(m, cfg) for m in (1, 9) for cfg in [(2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 8, 2)]]
                          + [(m, cfg) for m in (1, 40) for cfg in [(1, 1, 1, 1), (2, 2, 1, 1), (2, 8, 1, 1)]])

@@ -6,8 +6,9 @@ Two kernels:
   `gemm_plan`.
 - ``cuda/w4a4_sm90.cu`` (wgmma, sm_90a): `Sm90Config` picked by M (tokens are the wgmma N
   side, so the tile is as wide as the batch), with a cluster split of the K steps chosen by
-  `sm90_plan`: the measured entries of `SM90_TUNED` first, else from `SM90_B64_MIN_M` tokens on
-  tiles of 64 tokens x 256 rows, else a wave model; from
+  `sm90_plan`: the measured entries of `SM90_TUNED` (per width) and `SM90_MID_TUNED` (per M
+  bucket, 65-1024 tokens, which may pick a narrower tile) first, else from `SM90_B64_MIN_M`
+  tokens on tiles of 64 tokens x 256 rows, else a wave model; from
   `SM90_E4M3_MIN_M` tokens on (off by default), the INT4 groups run on e4m3 wgmma (`sm90_e4m3`),
   which the activation quantization must know too (it writes e4m3 bytes then).
 """
@@ -197,6 +198,22 @@ SM90_TUNED: dict[tuple[int, int, int], tuple[int, ...]] = {  # (bn, N, K): (wgc,
     (64, 22016, 4096): (3, 1), (64, 28672, 4096): (2, 1), (64, 57344, 8192): (2, 1),
 }
 
+# Measured best (bn, wgc, cs, ks) for the mid sizes (M bucket, N, K), bucket 128 / 256 / 512 / 1024
+# holding M in (bucket / 2, bucket] (`sm90_mid_bucket`): there the widest width's 128-token tiles
+# leave the plan a choice the wave model does not make well (a 64-token tile with more CTAs, or a
+# cluster split the model counts as a second wave). From `bench_gemm.py --m-list 128,256,512,1024
+# --sweep-splits --sweep-width 64` (rows atom_gemm_w*, atom_gemm_b64*), the entries at least 3 %
+# faster than the model's pick (`examples/benchmarks/sm90_table.py`); Llama-2-7B / Llama-3-8B /
+# Llama-2-70B layers at TP=1. SM90_TUNED (per width, M <= 128) comes first.
+SM90_MID_MAX_M = 1024
+SM90_MID_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}  # (bucket, N, K): (bn, wgc, cs, ks)
+
+
+def sm90_mid_bucket(m: int) -> int | None:
+    """The mid-size bucket of M (the power of two >= M) for 64 < M <= SM90_MID_MAX_M, else None."""
+    return 1 << (m - 1).bit_length() if SM90_WIDTHS[-2] < m <= SM90_MID_MAX_M else None
+
+
 # The wave model: a CTA streams its steps at up to SM_GBPS; all CTAs together at up to HBM_GBPS;
 # each wave also pays CTA_US (launch, pipeline fill, epilogue, cluster barriers).
 _SM_GBPS, _HBM_GBPS, _CTA_US = 45.0, 3600.0, 2.0
@@ -234,9 +251,13 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     bn = sm90_width(m)
     slots = slots or {cs: sms for cs in SM90_SPLITS}
     tuned = SM90_TUNED.get((bn, n, k))
+    mid = SM90_MID_TUNED.get((sm90_mid_bucket(m), n, k))
     if tuned:
         wgc, cs, ks, pipe = tuned + (1, 0)[len(tuned) - 2:]
         cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks, pipe=pipe)
+    elif mid:
+        bn, wgc, cs, ks = mid
+        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
     elif bn == SM90_WIDTHS[-1] and m >= SM90_B64_MIN_M:
         cfg = Sm90Config(64, SM90_B64_WGC, sm90_stages(64, SM90_B64_WGC), 1)
     else:
