@@ -216,6 +216,31 @@ template <> struct Wgmma<64> {
   }
 };
 
+// 96 tokens: the large-M tile of three consumer warpgroups (cuda/NOTES.md v3.11).
+template <> struct Wgmma<96> {
+  __device__ __forceinline__ static void mma(int (&d)[48], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+        "}, {%48, %49, %50, %51}, %52, p;\n}\n"
+        : ACC32(0), ACC16(32) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
+  // The same shapes on e4m3 operands, fp32 accumulators (in the same 32-bit registers).
+  __device__ __forceinline__ static void mma_e4m3(int (&d)[48], const u32 (&a)[4], u64 desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+        "}, {%48, %49, %50, %51}, %52, p, 1, 1;\n}\n"
+        : ACC32(0), ACC16(32) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
+};
+
 template <> struct Wgmma<128> {
   __device__ __forceinline__ static void mma(int (&d)[64], const u32 (&a)[4], u64 desc, int scale_d) {
     asm volatile(

@@ -412,7 +412,7 @@ def main() -> None:
                     "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
     ap.add_argument("--sweep-stages", help="comma-separated stage caps: also time the plan's sm90 config at M <= 256 "
                     "with each (rows atom_gemm_s<stages>; as many as fit in shared memory)")
-    ap.add_argument("--sweep-width", type=int, choices=gemm_plan.SM90_WIDTHS,
+    ap.add_argument("--sweep-width", type=int, choices=gemm_plan.SM90_WIDTHS + gemm_plan.SM90_TILE_WIDTHS,
                     help="also time every sm90 config of this tile width (tokens per CTA) at every M "
                     "(rows atom_gemm_b<width>w<wgc>c<cs>k<ks>[p], p: PIPE; e.g. 64 at M >= 1024, where the plan takes 128)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")

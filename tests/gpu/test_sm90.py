@@ -173,20 +173,39 @@ def test_b64_tiles_at_large_m(m, shape, monkeypatch, variant):
 
 
 @pytest.mark.parametrize("cs", (1, 2, 4))
-@pytest.mark.parametrize("m,wgc,ks", [(m, *shape) for m in (100, 256, 777) for shape in gemm_plan.sm90_shapes(64)])
-def test_mid_table_tiles(m, wgc, ks, cs, monkeypatch, variant):
-    """An SM90_MID_TUNED entry: 64-token tiles at mid sizes (two to thirteen of them, the last one
-    partial at M = 100 and 777) with every warpgroup shape and cluster split of width 64."""
+@pytest.mark.parametrize("m,bn,wgc,ks", [(m, bn, *shape) for m in (100, 256, 777) for bn in (64, 96)
+                                         for shape in gemm_plan.sm90_shapes(bn)])
+def test_mid_table_tiles(m, bn, wgc, ks, cs, monkeypatch, variant):
+    """An SM90_MID_TUNED entry: 64- or 96-token tiles at mid sizes (two to thirteen of them, the
+    last one partial at M = 100 and 777) with every warpgroup shape and cluster split of the width
+    (96 x 192-row tiles on N = 4096: the last tile one slab of three)."""
     n, k = SHAPES["llama2-7b-down"]
     o = outliers(k)
-    monkeypatch.setitem(gemm_plan.SM90_MID_TUNED, (gemm_plan.sm90_mid_bucket(m), n, k), (64, wgc, cs, ks))
-    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == (64, wgc)
+    monkeypatch.setitem(gemm_plan.SM90_MID_TUNED, (gemm_plan.sm90_mid_bucket(m), n, k), (bn, wgc, cs, ks))
+    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == (bn, wgc)
     x, idx = make_input(m, k)
     w = make_weight(n, k, idx)
     wpack = prepacked(w)
     ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
     y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
     check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
+
+
+@pytest.mark.parametrize("m", [2049, 4100])
+@pytest.mark.parametrize("shape", ["llama2-7b-o", "odd-144", "qwen2.5-1.5b-down"])
+def test_tile_width_96_at_large_m(m, shape, monkeypatch):
+    """96-token x 192-row tiles as `bench_gemm.py --sweep-width 96` runs them at large M (the
+    width forced, a table entry of three warpgroups): partial last tiles both ways."""
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    monkeypatch.setattr(gemm_plan, "sm90_width", lambda _m: 96)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (96, n, k), (3, 1))
+    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == (96, 3)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    y = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    check90(y, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], 1)
 
 
 @pytest.mark.parametrize("shape", ["odd-144", "smollm2-qkv", "odd-no-outliers"])

@@ -101,7 +101,11 @@ class Sm90Config(NamedTuple):
         return self.stages * self.stage_bytes + 1024 + 16 * self.stages
 
 
-SM90_WIDTHS = (8, 16, 32, 64, 128)
+SM90_WIDTHS = (8, 16, 32, 64, 128)  # the narrowest one holding M is M's width (`sm90_width`)
+# Tile widths that only a table entry or a benchmark sweep picks (`bench_gemm.py --sweep-width 96`):
+# 96 tokens x 192 rows (three warpgroups) has 13 % fewer instructions per MAC in its step loop than
+# 64 x 256 (228 per warp for 64 x 96 x 128 against 176 for 64 x 64 x 128; cuda/NOTES.md v3.11).
+SM90_TILE_WIDTHS = (96,)
 # From this many tokens on, the sm90 GEMM computes the INT4 groups with e4m3 wgmma on the same
 # integers (exact, cuda/NOTES.md v3.7): the fold is then 2 FFMA per accumulator instead of 3
 # instructions. Both `cuda_ops._quantize` (which then writes e4m3 activation bytes) and the GEMM
@@ -120,7 +124,7 @@ SM90_SPLITS = (1, 2, 4, 8)
 # more warpgroups leave fewer registers each (cuda/w4a4_sm90.cu, CONSUMER_REGS); past these ptxas
 # spills inside the step loop (nvcc 13.0, sm_90a): one warpgroup per slab, two per slab, and with
 # PIPE (two accumulator sets and two steps' weight fragments per thread).
-SM90_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 4, 128: 2}
+SM90_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 4, 96: 3, 128: 2}
 SM90_KS2_MAX_WGC = {8: 4, 16: 4, 32: 4, 64: 2}
 SM90_PIPE_MAX_WGC = {8: 4, 16: 3, 32: 3, 64: 2}
 
