@@ -18,9 +18,9 @@ LAYERS = [(4096, 4096), (22016, 4096), (12288, 4096), (4096, 11008), (57344, 819
 def test_sm90_plan_is_valid(m, n, k):
     steps = (k - 128) // 128 + 1 if k > 256 else k // 128
     cfg, per_split = gp.sm90_plan(m, n, k, steps, 132)
-    assert cfg.bn in gp.SM90_WIDTHS and cfg.cs in gp.SM90_SPLITS
-    if m >= gp.SM90_B64_MIN_M:  # the large-M rule's 64 x 256 tiles
-        assert (cfg.bn, cfg.wgc) == (64, gp.SM90_B64_WGC)
+    assert cfg.bn in gp.SM90_WIDTHS + gp.SM90_TILE_WIDTHS and cfg.cs in gp.SM90_SPLITS
+    if m >= gp.SM90_LARGE_MIN_M and (gp.sm90_width(m), n, k) not in gp.SM90_TUNED:  # the large-M rule
+        assert (cfg.bn, cfg.wgc) == gp.SM90_LARGE_TILE
     elif (gp.sm90_mid_bucket(m), n, k) in gp.SM90_MID_TUNED and (gp.sm90_width(m), n, k) not in gp.SM90_TUNED:
         assert cfg[:2] == gp.SM90_MID_TUNED[(gp.sm90_mid_bucket(m), n, k)][:2]  # a measured mid-size pick
     else:  # the narrowest width that holds M
@@ -106,14 +106,17 @@ def test_pipe_entries(monkeypatch):
     assert {(c.wgc, c.ks) for c in piped} == {(1, 1), (2, 1)} and all(c.smem_bytes <= gp.SM90_SMEM for c in piped)
 
 
-def test_b64_tiles_from_the_large_m_rule(monkeypatch):
-    """From SM90_B64_MIN_M tokens on (no table entry) the plan takes 64 x 256 tiles, one cluster
-    rank; below it the widest width; sm90_configs lists it for compiling up front."""
-    cut = gp.SM90_B64_MIN_M
+def test_large_tiles_from_the_large_m_rule(monkeypatch):
+    """From SM90_LARGE_MIN_M tokens on (no table entry) the plan takes SM90_LARGE_TILE (96 tokens x
+    192 rows), one cluster rank; below it the widest width or a mid-size entry; sm90_configs lists
+    it for compiling up front; VLLM_ATOM_SM90_LARGE_TILE's other tile (64 x 256) works the same."""
+    cut = gp.SM90_LARGE_MIN_M
     below = gp.sm90_plan(cut - 1, 4096, 4096, 33, 132)[0]
     at = gp.sm90_plan(cut, 4096, 4096, 33, 132)[0]
-    assert below.bn == 128 and (at.bn, at.wgc, at.cs, at.ks, at.rows) == (64, 4, 1, 1, 256)
+    assert below.bn == 128 and (at.bn, at.wgc, at.cs, at.ks, at.rows) == (96, 3, 1, 1, 192)
     assert at.smem_bytes <= gp.SM90_SMEM and at in gp.sm90_configs(4096, 4096, 33, 132, max_m=2 * cut)
+    monkeypatch.setattr(gp, "SM90_LARGE_TILE", (64, 4))
+    assert gp.sm90_plan(cut, 4096, 4096, 33, 132)[0][:2] == (64, 4)
     monkeypatch.setitem(gp.SM90_TUNED, (128, 4096, 4096), (2, 1))
     assert gp.sm90_plan(cut, 4096, 4096, 33, 132)[0].bn == 128
 
@@ -122,8 +125,7 @@ def test_mid_table_picks_a_narrower_tile(monkeypatch):
     """An SM90_MID_TUNED entry (bn, wgc, cs, ks) holds for M in its bucket (bucket / 2, bucket] only:
     here 64-token tiles (two of them at M = 100) under the widest width's 128; SM90_TUNED (M <= 64)
     and the large-M rule are untouched; sm90_configs lists the pick for compiling up front."""
-    monkeypatch.setitem(gp.SM90_MID_TUNED, (128, 4096, 4096), (64, 2, 2, 1))
-    monkeypatch.setitem(gp.SM90_MID_TUNED, (1024, 4096, 4096), (64, 4, 1, 2))
+    monkeypatch.setattr(gp, "SM90_MID_TUNED", {(128, 4096, 4096): (64, 2, 2, 1), (1024, 4096, 4096): (64, 4, 1, 2)})
     assert [gp.sm90_mid_bucket(m) for m in (1, 64, 65, 128, 129, 1024, 1025)] == [None, None, 128, 128, 256, 1024, None]
     for m in (65, 100, 128):
         cfg, per_split = gp.sm90_plan(m, 4096, 4096, 33, 132)

@@ -263,7 +263,8 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
                 gemm_plan.SM90_TUNED[(bn, n, k)] = (c.wgc, c.cs, c.ks, c.pipe)
                 us = time_us(atom_gemm, sets)
                 rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_w{c.wgc}c{c.cs}" + (f"k{c.ks}" if c.ks > 1 else "")
-                                 + ("p" if c.pipe else ""), time_us=round(us, 3), picked=c == picked))
+                                 + ("p" if c.pipe else ""), time_us=round(us, 3),
+                                 picked=c == picked._replace(lean=0)))  # (candidates leave LEAN to the plan)
             del gemm_plan.SM90_TUNED[(bn, n, k)]
             if saved:
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved

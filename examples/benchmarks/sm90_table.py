@@ -5,7 +5,7 @@
 For every (M, N, K) of the sweep with 64 < M <= SM90_MID_MAX_M: the fastest config among the
 sweep's rows (`atom_gemm_w<wgc>c<cs>[k<ks>]`: the plan's width; `atom_gemm_b<bn>w<wgc>c<cs>k<ks>`:
 another width; PIPE rows are left out, the mid table has no PIPE field) against the wave
-model's pick (the `picked` row of the sweep). Prints the entries at least ``--min-gain`` faster,
+model's pick (the `picked` row of the sweep, or its `atom_gemm` row when the plan had no mid entry). Prints the entries at least ``--min-gain`` faster,
 as the dict items of the table, keyed by M's bucket, with the gain as a comment; with several M
 of one bucket in the sweep, the bucket's largest M decides.
 """
@@ -36,11 +36,12 @@ def entries(rows: list[dict], min_gain: float = 0.03) -> dict[tuple[int, int, in
     best measured config beats the model's pick by ``min_gain``."""
     shapes: dict[tuple[int, int, int], list[dict]] = {}
     for r in rows:
-        if gemm_plan.sm90_mid_bucket(r["M"]) and r["impl"].startswith("atom_gemm_"):
+        if gemm_plan.sm90_mid_bucket(r["M"]) and r["impl"].startswith("atom_gemm"):
             shapes.setdefault((r["M"], r["N"], r["K"]), []).append(r)
     out = {}
     for (m, n, k), rs in sorted(shapes.items()):
-        picked = [r for r in rs if r.get("picked")]
+        # the model's pick: the sweep's `picked` row, else the plan's own row (a sweep without mid entries)
+        picked = [r for r in rs if r.get("picked")] or [r for r in rs if r["impl"] == "atom_gemm"]
         timed = [(r["time_us"], cfg) for r in rs if (cfg := parse(r["impl"], m))]
         if not picked or not timed:
             continue

@@ -157,13 +157,17 @@ def test_pipe_configs(m, wgc, cs, monkeypatch, variant):
 
 @pytest.mark.parametrize("m", [129, 1100])
 @pytest.mark.parametrize("shape", ["llama2-7b-o", "odd-144", "qwen2.5-1.5b-down"])
-def test_b64_tiles_at_large_m(m, shape, monkeypatch, variant):
-    """The large-M rule's 64-token x 256-row tiles (four consumer warpgroups), forced from M = 1:
-    partial last tiles in both directions (odd-144: N = 8, a part of one slab of four)."""
-    monkeypatch.setattr(gemm_plan, "SM90_B64_MIN_M", 1)
+@pytest.mark.parametrize("tile", [(96, 3), (64, 4)])
+def test_large_tiles_at_large_m(m, shape, tile, monkeypatch, variant):
+    """The large-M rule's tiles (96 tokens x 192 rows, and v3.8's 64 x 256 that
+    VLLM_ATOM_SM90_LARGE_TILE=64x4 gives), forced from M = 1: partial last tiles in both directions
+    (odd-144: N = 8, a part of one slab of three or four)."""
+    monkeypatch.setattr(gemm_plan, "SM90_LARGE_MIN_M", 1)
+    monkeypatch.setattr(gemm_plan, "SM90_LARGE_TILE", tile)
+    monkeypatch.setattr(gemm_plan, "SM90_MID_TUNED", {})  # (the mid-size entries come first)
     n, k = SHAPES[shape]
     o = outliers(k)
-    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == (64, gemm_plan.SM90_B64_WGC)
+    assert gemm_plan.sm90_plan(m, n, k, layout.sizes(k, o)[2], 132)[0][:2] == tile
     x, idx = make_input(m, k)
     w = make_weight(n, k, idx)
     wpack = prepacked(w)
@@ -228,19 +232,19 @@ def test_few_steps_per_rank(m, shape, cfg, monkeypatch, variant):
 
 @pytest.mark.parametrize("shape", ["llama2-7b-down", "odd-144", "odd-no-outliers"])
 @pytest.mark.parametrize("m,cfg", [(1, (1, 1)), (1, (2, 8)), (9, (4, 2)), (33, (3, 1)), (64, (2, 4)), (300, (2, 1)),
-                                   (1100, "b64")])
+                                   (1100, "large")])
 @pytest.mark.parametrize("lean", [1, 0])
 def test_lean_configs(m, cfg, shape, lean, monkeypatch):
     """The LEAN step loop (the default: shared addresses in registers, the outlier step peeled off
     the loop) and the loop it replaced (VLLM_ATOM_SM90_LEAN=0) on table picks (wgc, cs) and the
-    64 x 256 tiles: the same sums, also for short K (one group and the outlier block; two groups
+    large-M rule's tiles: the same sums, also for short K (one group and the outlier block; two groups
     and none)."""
     monkeypatch.setattr(gemm_plan, "SM90_LEAN", lean)
     n, k = SHAPES[shape]
     o = outliers(k)
     steps = layout.sizes(k, o)[2]
-    if cfg == "b64":
-        monkeypatch.setattr(gemm_plan, "SM90_B64_MIN_M", 1)
+    if cfg == "large":
+        monkeypatch.setattr(gemm_plan, "SM90_LARGE_MIN_M", 1)
     else:
         monkeypatch.setitem(gemm_plan.SM90_TUNED, (gemm_plan.sm90_width(m), n, k), cfg)
     plan = gemm_plan.sm90_plan(m, n, k, steps, 132)[0]

@@ -7,8 +7,8 @@ Two kernels:
 - ``cuda/w4a4_sm90.cu`` (wgmma, sm_90a): `Sm90Config` picked by M (tokens are the wgmma N
   side, so the tile is as wide as the batch), with a cluster split of the K steps chosen by
   `sm90_plan`: the measured entries of `SM90_TUNED` (per width) and `SM90_MID_TUNED` (per M
-  bucket, 65-1024 tokens, which may pick a narrower tile) first, else from `SM90_B64_MIN_M`
-  tokens on tiles of 64 tokens x 256 rows, else a wave model; from
+  bucket, 65-1024 tokens, which may pick a narrower tile) first, else from `SM90_LARGE_MIN_M`
+  tokens on tiles of `SM90_LARGE_TILE` (96 tokens x 192 rows), else a wave model; from
   `SM90_E4M3_MIN_M` tokens on (off by default), the INT4 groups run on e4m3 wgmma (`sm90_e4m3`),
   which the activation quantization must know too (it writes e4m3 bytes then).
 """
@@ -102,7 +102,7 @@ class Sm90Config(NamedTuple):
 
 
 SM90_WIDTHS = (8, 16, 32, 64, 128)  # the narrowest one holding M is M's width (`sm90_width`)
-# Tile widths that only a table entry or a benchmark sweep picks (`bench_gemm.py --sweep-width 96`):
+# Tile widths that only a table entry, the large-M rule or a benchmark sweep picks (`--sweep-width 96`):
 # 96 tokens x 192 rows (three warpgroups) has 13 % fewer instructions per MAC in its step loop than
 # 64 x 256 (228 per warp for 64 x 96 x 128 against 176 for 64 x 64 x 128; cuda/NOTES.md v3.11).
 SM90_TILE_WIDTHS = (96,)
@@ -161,12 +161,13 @@ def sm90_width(m: int) -> int:
 # M on the four sm90_variants shapes (cuda/NOTES.md v3.10); VLLM_ATOM_SM90_LEAN=0 gives the old loop.
 SM90_LEAN = int(os.environ.get("VLLM_ATOM_SM90_LEAN", "1"))
 
-# From this many tokens on (with no table entry), tiles of 64 tokens x 256 weight rows (four
-# consumer warpgroups of 64 x 64) instead of the widest width's 128 x 128: measured faster from
-# M = 2048 on every Llama-2-7B / Llama-3-8B / Llama-2-70B layer (cuda/NOTES.md v3.8).
-# VLLM_ATOM_SM90_B64_MIN_M sets it (2^62: off).
-SM90_B64_WGC = 4
-SM90_B64_MIN_M = int(os.environ.get("VLLM_ATOM_SM90_B64_MIN_M", "2048"))
+# From this many tokens on (with no table entry), tiles of SM90_LARGE_TILE = (tokens, consumer
+# warpgroups of 64 rows) instead of the widest width's 128 x 128: 96 tokens x 192 rows, measured
+# 1.14x (M = 2048) and 1.29x (M = 8192) the 64 x 256 tiles of v3.8 on every Llama-2-7B / Llama-3-8B /
+# Llama-2-70B layer (cuda/NOTES.md v3.11), which were faster than 128 x 128 from M = 2048 (v3.8).
+# VLLM_ATOM_SM90_LARGE_MIN_M sets the cut (2^62: off), VLLM_ATOM_SM90_LARGE_TILE the tile ("64x4": v3.8's).
+SM90_LARGE_TILE = tuple(int(v) for v in os.environ.get("VLLM_ATOM_SM90_LARGE_TILE", "96x3").split("x"))
+SM90_LARGE_MIN_M = int(os.environ.get("VLLM_ATOM_SM90_LARGE_MIN_M", "2048"))
 
 SM90_MAX_STAGES: int | None = None  # a cap for every config instead of 12 / 16 (bench_gemm --sweep-stages)
 
@@ -210,7 +211,37 @@ SM90_TUNED: dict[tuple[int, int, int], tuple[int, ...]] = {  # (bn, N, K): (wgc,
 # faster than the model's pick (`examples/benchmarks/sm90_table.py`); Llama-2-7B / Llama-3-8B /
 # Llama-2-70B layers at TP=1. SM90_TUNED (per width, M <= 128) comes first.
 SM90_MID_MAX_M = 1024
-SM90_MID_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}  # (bucket, N, K): (bn, wgc, cs, ks)
+# H100 at 14f2a69 (results/gemm-sweep-mid-h100.json; the comments: the model's pick / this entry, GEMM alone).
+SM90_MID_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int]] = {  # (bucket, N, K): (bn, wgc, cs, ks)
+    (128, 4096, 4096): (64, 2, 1, 2),  # 1.54x
+    (128, 4096, 11008): (64, 2, 2, 1),  # 1.75x
+    (128, 4096, 14336): (64, 2, 2, 1),  # 1.60x
+    (128, 6144, 4096): (64, 3, 2, 1),  # 1.15x
+    (128, 10240, 8192): (64, 3, 1, 1),  # 1.25x
+    (128, 12288, 4096): (64, 3, 1, 1),  # 1.25x
+    (128, 22016, 4096): (64, 3, 1, 1),  # 1.25x
+    (256, 4096, 4096): (64, 2, 1, 1),  # 1.11x
+    (256, 4096, 14336): (128, 2, 2, 1),  # 1.05x
+    (256, 6144, 4096): (64, 3, 1, 1),  # 1.30x
+    (256, 8192, 8192): (128, 2, 1, 1),  # 1.07x
+    (256, 8192, 28672): (64, 4, 1, 1),  # 1.13x
+    (256, 10240, 8192): (64, 3, 1, 1),  # 1.24x
+    (256, 12288, 4096): (64, 3, 1, 1),  # 1.35x
+    (256, 22016, 4096): (64, 4, 1, 1),  # 1.05x
+    (256, 28672, 4096): (64, 4, 1, 1),  # 1.10x
+    (256, 57344, 8192): (64, 4, 1, 1),  # 1.14x
+    (512, 4096, 4096): (64, 4, 1, 1),  # 1.06x
+    (512, 4096, 11008): (64, 4, 1, 1),  # 1.11x
+    (512, 4096, 14336): (128, 2, 1, 1),  # 1.04x
+    (512, 6144, 4096): (64, 3, 1, 1),  # 1.33x
+    (512, 8192, 8192): (64, 4, 1, 1),  # 1.19x
+    (512, 8192, 28672): (64, 4, 1, 1),  # 1.28x
+    (512, 10240, 8192): (64, 2, 1, 1),  # 1.18x
+    (512, 12288, 4096): (64, 4, 1, 1),  # 1.17x
+    (512, 22016, 4096): (64, 3, 1, 1),  # 1.29x
+    (512, 28672, 4096): (64, 4, 1, 1),  # 1.26x
+    (512, 57344, 8192): (64, 4, 1, 1),  # 1.38x
+}
 
 
 def sm90_mid_bucket(m: int) -> int | None:
@@ -262,8 +293,9 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     elif mid:
         bn, wgc, cs, ks = mid
         cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
-    elif bn == SM90_WIDTHS[-1] and m >= SM90_B64_MIN_M:
-        cfg = Sm90Config(64, SM90_B64_WGC, sm90_stages(64, SM90_B64_WGC), 1)
+    elif bn == SM90_WIDTHS[-1] and m >= SM90_LARGE_MIN_M:
+        bn, wgc = SM90_LARGE_TILE
+        cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), 1)
     else:
         # (the model was fitted to one and two warpgroups, one per slab; the rest only from the table)
         ok = [c for c in sm90_candidates(m) if c.wgc <= 2 and c.ks == 1 and (c.cs == 1 or steps >= 2 * c.cs)]
@@ -286,7 +318,7 @@ def sm90_configs(n: int, k: int, steps: int, sms: int, slots: dict[int, int] | N
                  max_m: int = 1 << 16) -> set[Sm90Config]:
     """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front)."""
     bn = SM90_WIDTHS[-1]
-    ms = set(range(1, bn + 1)) | {SM90_E4M3_MIN_M, SM90_B64_MIN_M}  # (the rules may cut inside a tile count)
+    ms = set(range(1, bn + 1)) | {SM90_E4M3_MIN_M, SM90_LARGE_MIN_M}  # (the rules may cut inside a tile count)
     for tiles_m in range(2, math.ceil(max_m / bn) + 1):
         ms |= {(tiles_m - 1) * bn + 1, tiles_m * bn}
     return {sm90_plan(m, n, k, steps, sms, slots)[0] for m in ms if 0 < m <= max(max_m, bn)}
