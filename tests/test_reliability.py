@@ -141,3 +141,37 @@ def test_sanitizer_record_names_the_part_it_reads_and_writes(tmp_path, monkeypat
     parts = json.loads(path.read_text())["parts"]
     assert rc == 0 and seen == [{"ok": False, "tests": 2}]
     assert parts["sanitizer"] == {"ok": True, "tests": 1764} and parts["sanitizer-lean"]["tests"] == 3
+
+
+def test_sanitizer_ids_file_is_the_selection(tmp_path, monkeypatch):
+    """--sanitizer-ids FILE: exactly those tests, in chunks, the selection named by the file's hash
+    (so --sanitizer-resume continues only a record of the same list)."""
+    ids = [f"tests/gpu/test_sm90.py::test_atom_linear_sm90[default-{m}-llama2-7b-o]" for m in (1, 16, 64)]
+    (tmp_path / "rest.ids").write_text("\n".join(ids) + "\n\n")
+    launched, popen = [], reliability.subprocess.Popen
+
+    class Done:
+        pid, returncode = 2 ** 22 + 7, 0  # (no such process group: finish() kills nothing)
+
+        def __new__(cls, cmd, *a, **kw):  # memcheck runs are faked, everything else (git) is real
+            return super().__new__(cls) if cmd[0] == "compute-sanitizer" else popen(cmd, *a, **kw)
+
+        def __init__(self, cmd, stdout, **kw):
+            launched.append(cmd[cmd.index("no:cacheprovider") + 1:])
+            stdout.write(f"{len(launched[-1])} passed in 1.0s\n========= ERROR SUMMARY: 0 errors\n")
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(reliability.subprocess, "Popen", Done)
+    monkeypatch.setattr(reliability, "gpu_memory_mib", lambda q: None)
+    monkeypatch.setattr(reliability, "_gpu_mib_by_group", lambda: {})
+    monkeypatch.setattr(reliability.time, "sleep", lambda s: None)
+    args = reliability.parse_args(["--sanitizer-ids", str(tmp_path / "rest.ids"), "--sanitizer-chunk", "2"])
+    r = reliability.part_sanitizer(args, tmp_path)
+    assert launched == [ids[:2], ids[2:]]
+    assert r["ok"] and (r["tests"], r["passed"], r["memcheck_errors"]) == (3, 3, 0)
+    assert r["selection"].startswith("ids rest.ids (sha1 ")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import re
@@ -500,12 +501,18 @@ def part_sanitizer(args, out: Path, previous: dict | None = None) -> dict:
     tests once more, alone, and that run's outcome is the record. ``--sanitizer-resume`` keeps the
     clean chunks of ``previous`` (the committed record) and runs only the tests they leave out."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
-    ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
-                         capture_output=True, text=True).stdout.splitlines()
-    ids = [ln.strip() for ln in ids if "::" in ln]
+    if args.sanitizer_ids:  # an explicit list (e.g. what an earlier record left out), named by its hash
+        ids = [ln.strip() for ln in Path(args.sanitizer_ids).read_text().splitlines() if "::" in ln]
+        digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:10]
+        selection = f"ids {Path(args.sanitizer_ids).name} (sha1 {digest})"
+    else:
+        ids = subprocess.run(pytest + ["--collect-only", *SANITIZER_FILES, "-k", args.sanitizer_k],
+                             capture_output=True, text=True).stdout.splitlines()
+        ids = [ln.strip() for ln in ids if "::" in ln]
+        selection = args.sanitizer_k
     if not ids:
-        return {"ok": False, "error": "no tests collected", "selection": args.sanitizer_k}
-    kept, spans = _sanitizer_spans(previous or {}, ids, args.sanitizer_k) if args.sanitizer_resume else ([], [(0, len(ids))])
+        return {"ok": False, "error": "no tests collected", "selection": selection}
+    kept, spans = _sanitizer_spans(previous or {}, ids, selection) if args.sanitizer_resume else ([], [(0, len(ids))])
     starts = [i for a, b in spans for i in range(a, b, args.sanitizer_chunk)]
     ends = [min(i + args.sanitizer_chunk, b) for a, b in spans for i in range(a, b, args.sanitizer_chunk)]
     chunks = [ids[i:e] for i, e in zip(starts, ends)]
@@ -578,7 +585,7 @@ def part_sanitizer(args, out: Path, previous: dict | None = None) -> dict:
     def memcheck_errors(group):
         return sum(int(re.search(r"(\d+) error", s.get("memcheck") or "x 0 error").group(1)) for s in group)
     return {"tests": len(ids), "processes": len(kept) + len(new), "jobs": args.sanitizer_jobs,
-            "seconds": round(time.time() - t0, 1), "selection": args.sanitizer_k, **total,
+            "seconds": round(time.time() - t0, 1), "selection": selection, **total,
             "memcheck_errors": memcheck_errors(final),
             "retried_alone": len(retried), "oom_errors_before_retry": memcheck_errors([shards[j] for j in retried]),
             "kept_from_earlier": len(kept), "commits": sorted({s["commit"] for s in kept + new}),
@@ -604,6 +611,8 @@ def parse_args(argv=None):
     ap.add_argument("--sanitizer-timeout", type=float, default=540)
     ap.add_argument("--sanitizer-jobs", type=int, default=6, help="memcheck processes at once on the GPU")
     ap.add_argument("--sanitizer-chunk", type=int, default=30, help="tests per memcheck process")
+    ap.add_argument("--sanitizer-ids", help="a file of pytest test ids (one per line) to run instead of "
+                    "--sanitizer-k's collection")
     ap.add_argument("--sanitizer-resume", action="store_true",
                     help="keep the clean chunks of the committed sanitizer record; run only the tests they leave out")
     ap.add_argument("--sanitizer-record", default="sanitizer",
