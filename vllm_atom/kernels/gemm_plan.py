@@ -206,7 +206,7 @@ SM90_TUNED: dict[tuple[int, int, int], tuple[int, ...]] = {  # (bn, N, K): (wgc,
 # Measured best (bn, wgc, cs, ks) for the mid sizes (M bucket, N, K), bucket 128 / 256 / 512 / 1024
 # holding M in (bucket / 2, bucket] (`sm90_mid_bucket`): there the widest width's 128-token tiles
 # leave the plan a choice the wave model does not make well (a 64-token tile with more CTAs, or a
-# cluster split the model counts as a second wave). From `bench_gemm.py --m-list 128,256,512,1024
+# cluster split the model counts as a second wave). From `bench_gemm.py --m-list 128,256,512
 # --sweep-splits --sweep-width 64` (rows atom_gemm_w*, atom_gemm_b64*), the entries at least 3 %
 # faster than the model's pick (`examples/benchmarks/sm90_table.py`); Llama-2-7B / Llama-3-8B /
 # Llama-2-70B layers at TP=1. SM90_TUNED (per width, M <= 128) comes first.
