@@ -44,3 +44,16 @@ def test_main_prints_table_items(tmp_path, capsys):
     assert sm90_table.main([str(f)]) == 0
     out = capsys.readouterr().out
     assert "NVIDIA H200, commit abc" in out and "(128, 4096, 4096): (64, 2, 2, 1),  # 1.74x" in out
+
+
+def test_bench_gemm_takes_several_sweep_widths():
+    """bench_gemm.py --sweep-width 64,96: one sweep over several tile widths, each a width the
+    kernel compiles for (the ones only tables and sweeps pick included)."""
+    import argparse
+
+    import bench_gemm
+    import pytest
+
+    assert bench_gemm._widths("64,96") == (64, 96) and bench_gemm._widths("8") == (8,)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a tile width"):
+        bench_gemm._widths("64,80")

@@ -156,7 +156,7 @@ def _marlin(w_bf16: torch.Tensor):
 
 def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bool = False,
                 sweep_ks: int | None = None, sweep_stages: list[int] | None = None,
-                sweep_width: int | None = None) -> list[dict]:
+                sweep_width: tuple[int, ...] = ()) -> list[dict]:
     cfg = AtomConfig()
     o = cfg.outliers_for(k)
     kn = k - o
@@ -270,14 +270,14 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved
             if saved_mid:
                 gemm_plan.SM90_MID_TUNED[(gemm_plan.sm90_mid_bucket(m), n, k)] = saved_mid
-        if sweep_width and sm90:  # every (wgc, cs, ks) of another tile width at this M
+        for width_ in (sweep_width or ()) if sm90 else ():  # every (wgc, cs, ks) of other tile widths at this M
             width, saved = gemm_plan.sm90_width, dict(gemm_plan.SM90_TUNED)
-            gemm_plan.sm90_width = lambda _m: sweep_width
+            gemm_plan.sm90_width = lambda _m, w=width_: w
             try:
                 for c in gemm_plan.sm90_candidates(m, pipe=True):
                     if c.cs > 1 and steps < 2 * c.cs:
                         continue
-                    gemm_plan.SM90_TUNED[(sweep_width, n, k)] = (c.wgc, c.cs, c.ks, c.pipe)
+                    gemm_plan.SM90_TUNED[(width_, n, k)] = (c.wgc, c.cs, c.ks, c.pipe)
                     rows.append(dict(M=m, N=n, K=k, impl=f"atom_gemm_b{c.bn}w{c.wgc}c{c.cs}k{c.ks}" + ("p" if c.pipe else ""),
                                      time_us=round(time_us(atom_gemm, sets), 3)))
             finally:
@@ -401,6 +401,14 @@ def profile(n: int = 4096, k: int = 4096, m_list=(1, 16, 256, 8192)) -> None:
         torch.cuda.profiler.stop()
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    widths = tuple(int(w) for w in text.split(","))
+    bad = [w for w in widths if w not in gemm_plan.SM90_WIDTHS + gemm_plan.SM90_TILE_WIDTHS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not a tile width: {bad} (widths: {gemm_plan.SM90_WIDTHS + gemm_plan.SM90_TILE_WIDTHS})")
+    return widths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -413,9 +421,10 @@ def main() -> None:
                     "consumer warpgroups per slab (the atom_gemm row is the table's pick)")
     ap.add_argument("--sweep-stages", help="comma-separated stage caps: also time the plan's sm90 config at M <= 256 "
                     "with each (rows atom_gemm_s<stages>; as many as fit in shared memory)")
-    ap.add_argument("--sweep-width", type=int, choices=gemm_plan.SM90_WIDTHS + gemm_plan.SM90_TILE_WIDTHS,
-                    help="also time every sm90 config of this tile width (tokens per CTA) at every M "
-                    "(rows atom_gemm_b<width>w<wgc>c<cs>k<ks>[p], p: PIPE; e.g. 64 at M >= 1024, where the plan takes 128)")
+    ap.add_argument("--sweep-width", type=_widths, default=(),
+                    help="comma-separated tile widths (tokens per CTA, of SM90_WIDTHS + SM90_TILE_WIDTHS): also "
+                    "time every sm90 config of each at every M (rows atom_gemm_b<width>w<wgc>c<cs>k<ks>[p], p: PIPE; "
+                    "e.g. 64,96 at M >= 256, where the plan's width is 128)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")
     ap.add_argument("--profile", action="store_true", help="only run the kernels to profile (ncu)")
     args = ap.parse_args()
