@@ -18,7 +18,7 @@ LAYERS = [(4096, 4096), (22016, 4096), (12288, 4096), (4096, 11008), (57344, 819
 def test_sm90_plan_is_valid(m, n, k):
     steps = (k - 128) // 128 + 1 if k > 256 else k // 128
     cfg, per_split = gp.sm90_plan(m, n, k, steps, 132)
-    assert cfg.bn in gp.SM90_WIDTHS + gp.SM90_TILE_WIDTHS and cfg.cs in gp.SM90_SPLITS
+    assert cfg.bn in gp.SM90_ALL_WIDTHS and cfg.cs in gp.SM90_SPLITS
     if m >= gp.SM90_LARGE_MIN_M and (gp.sm90_width(m), n, k) not in gp.SM90_TUNED:  # the large-M rule
         assert (cfg.bn, cfg.wgc) == gp.SM90_LARGE_TILE
     elif (gp.sm90_mid_bucket(m), n, k) in gp.SM90_MID_TUNED and (gp.sm90_width(m), n, k) not in gp.SM90_TUNED:

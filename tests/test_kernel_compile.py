@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from vllm_atom.kernels import _loader, kv_int4  # noqa: E402
-from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_SPLITS, SM90_TILE_WIDTHS, SM90_WIDTHS, Sm90Config,  # noqa: E402
+from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_ALL_WIDTHS, SM90_SPLITS, SM90_WIDTHS, Sm90Config,  # noqa: E402
                                          sm90_pipe_wgcs, sm90_shapes, sm90_stages)
 
 ARCHS = ["sm_80", "sm_89", "sm_90a"]
@@ -40,7 +40,7 @@ def test_gemm_compiles(arch, cfg, bf16):
 @pytest.mark.parametrize("e4m3", [0, 1])
 @pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("cs", SM90_SPLITS)
-@pytest.mark.parametrize("bn,wgc,ks", [(bn, *shape) for bn in SM90_WIDTHS + SM90_TILE_WIDTHS for shape in sm90_shapes(bn)])
+@pytest.mark.parametrize("bn,wgc,ks", [(bn, *shape) for bn in SM90_ALL_WIDTHS for shape in sm90_shapes(bn)])
 def test_sm90_gemm_compiles(bn, wgc, ks, cs, bf16, e4m3):
     """Every width x warpgroups x cluster split `gemm_plan.sm90_plan` can pick, for sm_90a (wgmma),
     with s8 or e4m3 groups (VLLM_ATOM_E4M3_MIN_M moves the cut to any width)."""
@@ -59,8 +59,7 @@ def test_sm90_pipe_gemm_compiles(bn, wgc, cs):
 
 @pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("cs", SM90_SPLITS)
-@pytest.mark.parametrize("bn,wgc", [(bn, wgc) for bn in SM90_WIDTHS + SM90_TILE_WIDTHS for wgc, ks in sm90_shapes(bn)
-                                    if ks == 1])
+@pytest.mark.parametrize("bn,wgc", [(bn, wgc) for bn in SM90_ALL_WIDTHS for wgc, ks in sm90_shapes(bn) if ks == 1])
 def test_sm90_lean_gemm_compiles(bn, wgc, cs, bf16):
     """The LEAN step loop (32-bit shared addresses, the outlier step peeled off; what the plan
     picks wherever ks = 1, s8, no PIPE), bf16 and fp16 output."""

@@ -270,7 +270,7 @@ def bench_shape(n: int, k: int, m_list: list[int], fp8_quant_c, sweep_splits: bo
                 gemm_plan.SM90_TUNED[(bn, n, k)] = saved
             if saved_mid:
                 gemm_plan.SM90_MID_TUNED[(gemm_plan.sm90_mid_bucket(m), n, k)] = saved_mid
-        for width_ in (sweep_width or ()) if sm90 else ():  # every (wgc, cs, ks) of other tile widths at this M
+        for width_ in sweep_width if sm90 else ():  # every (wgc, cs, ks) of other tile widths at this M
             width, saved = gemm_plan.sm90_width, dict(gemm_plan.SM90_TUNED)
             gemm_plan.sm90_width = lambda _m, w=width_: w
             try:
@@ -403,9 +403,9 @@ def profile(n: int = 4096, k: int = 4096, m_list=(1, 16, 256, 8192)) -> None:
 
 def _widths(text: str) -> tuple[int, ...]:
     widths = tuple(int(w) for w in text.split(","))
-    bad = [w for w in widths if w not in gemm_plan.SM90_WIDTHS + gemm_plan.SM90_TILE_WIDTHS]
+    bad = [w for w in widths if w not in gemm_plan.SM90_ALL_WIDTHS]
     if bad:
-        raise argparse.ArgumentTypeError(f"not a tile width: {bad} (widths: {gemm_plan.SM90_WIDTHS + gemm_plan.SM90_TILE_WIDTHS})")
+        raise argparse.ArgumentTypeError(f"not a tile width: {bad} (widths: {gemm_plan.SM90_ALL_WIDTHS})")
     return widths
 
 
@@ -422,7 +422,7 @@ def main() -> None:
     ap.add_argument("--sweep-stages", help="comma-separated stage caps: also time the plan's sm90 config at M <= 256 "
                     "with each (rows atom_gemm_s<stages>; as many as fit in shared memory)")
     ap.add_argument("--sweep-width", type=_widths, default=(),
-                    help="comma-separated tile widths (tokens per CTA, of SM90_WIDTHS + SM90_TILE_WIDTHS): also "
+                    help="comma-separated tile widths (tokens per CTA, of SM90_ALL_WIDTHS): also "
                     "time every sm90 config of each at every M (rows atom_gemm_b<width>w<wgc>c<cs>k<ks>[p], p: PIPE; "
                     "e.g. 64,96 at M >= 256, where the plan's width is 128)")
     ap.add_argument("--m-list", help="comma-separated M values (default: all of M_LIST)")

@@ -106,6 +106,7 @@ SM90_WIDTHS = (8, 16, 32, 64, 128)  # the narrowest one holding M is M's width (
 # 96 tokens x 192 rows (three warpgroups) has 13 % fewer instructions per MAC in its step loop than
 # 64 x 256 (228 per warp for 64 x 96 x 128 against 176 for 64 x 64 x 128; cuda/NOTES.md v3.11).
 SM90_TILE_WIDTHS = (96,)
+SM90_ALL_WIDTHS = SM90_WIDTHS + SM90_TILE_WIDTHS  # every width the kernel compiles for
 # From this many tokens on, the sm90 GEMM computes the INT4 groups with e4m3 wgmma on the same
 # integers (exact, cuda/NOTES.md v3.7): the fold is then 2 FFMA per accumulator instead of 3
 # instructions. Both `cuda_ops._quantize` (which then writes e4m3 activation bytes) and the GEMM
@@ -286,11 +287,10 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
     bn = sm90_width(m)
     slots = slots or {cs: sms for cs in SM90_SPLITS}
     tuned = SM90_TUNED.get((bn, n, k))
-    mid = SM90_MID_TUNED.get((sm90_mid_bucket(m), n, k))
     if tuned:
         wgc, cs, ks, pipe = tuned + (1, 0)[len(tuned) - 2:]
         cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks, pipe=pipe)
-    elif mid:
+    elif mid := SM90_MID_TUNED.get((sm90_mid_bucket(m), n, k)):
         bn, wgc, cs, ks = mid
         cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc, ks), cs, ks)
     elif bn == SM90_WIDTHS[-1] and m >= SM90_LARGE_MIN_M:
