@@ -13,7 +13,9 @@
 //   slots  int64 [n_tok]: slot = block * block_size + offset; < 0 means padding (skipped).
 //   q      T [tokens, Hq, D], out T [tokens, Hq, D]: strides multiples of 8, 16-byte aligned; Hq = G * H.
 //   qsl    int32 [B+1] query_start_loc; seq_lens int32 [B]; block_table int32 [B, bt_stride].
-//   part_o fp32 [tokens, Hq, S, D], part_ml fp32 [tokens, Hq, S, 2] (split-K partials, S > 1).
+//   part_o fp32 [tokens, Hq, S, D], part_ml fp32 [tokens, Hq, S, 2] (split-K partials, S > 1), S =
+//          n_splits, or n_splits / WARPS for the contiguous-tile kernel when WARPS divides n_splits
+//          (its CTAs merge their WARPS splits; no partials at all when n_splits == WARPS).
 // The write kernel's numerics are those of vllm_atom.reference.quantize_kv operation for
 // operation (IEEE division, rintf), so the cache bytes match the reference exactly.
 // ROTATE_K = 1: keys are stored in a Hadamard basis (reference.hadamard_rotate of each (token,
@@ -347,6 +349,67 @@ __device__ __forceinline__ void attend(const u32 (&qf)[D / 16][4], const float (
   }
 }
 
+// The contiguous-tile kernel with n_splits % WARPS == 0: the WARPS warps of a CTA hold WARPS
+// consecutive splits of one row tile, so they merge them here instead of writing WARPS partials each:
+// each warp puts its rows' (m, l) and D accumulators (P.V plus the V-zero term, unnormalised) into
+// its own ring region (free once its copies have landed), the CTA syncs, and its threads merge the
+// WARPS entries of each (row, dim) in split order. With n_splits == WARPS that is the output;
+// otherwise one partial per CTA (part `part` of n_splits / WARPS) for kv_int4_reduce.
+__device__ __forceinline__ void combine_cta(u8* ring, u8* smem, const float (&m)[2], const float (&l)[2],
+                                            const float (&z)[2], const float (&o)[NT][4], u16* __restrict__ out,
+                                            float* __restrict__ part_o, float* __restrict__ part_ml,
+                                            const int* __restrict__ qsl, int b, int kvh, int mtile, int n_rows,
+                                            int G, int Hq, long long o_ts, long long o_hs, int n_splits, int part,
+                                            int g, int t) {
+  constexpr int REGION = STAGES * TILE_BYTES;  // one warp's ring; holds 16 * D + 32 floats
+  static_assert(16 * D * 4 + 16 * 2 * 4 <= REGION, "a warp's partial tile must fit its ring");
+  float* so = (float*)ring;    // [16][D]: dim (2t + i) * NT + j of row g + 8r, as the epilogue stores it
+  float* sml = so + 16 * D;    // [16][2]: (m, l)
+  __syncwarp();                // every lane is done reading its ring
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float lt = quad_sum(l[r]), zt = quad_sum(z[r]);
+    const int row = g + 8 * r;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float* dst = so + row * D + (2 * t + i) * NT;
+#pragma unroll
+      for (int j = 0; j < NT; j += 4)
+        *(float4*)(dst + j) = make_float4(o[j][2 * r + i] + zt, o[j + 1][2 * r + i] + zt,
+                                          o[j + 2][2 * r + i] + zt, o[j + 3][2 * r + i] + zt);
+    }
+    if (t == 0) *(float2*)(sml + 2 * row) = make_float2(m[r], lt);
+  }
+  __syncthreads();
+  const int rows = min(16, n_rows - mtile * 16), q0 = qsl[b];
+  const int n_parts = n_splits / WARPS;
+  for (int e = threadIdx.x; e < rows * D; e += 32 * WARPS) {
+    const int r = e / D, d = e % D;
+    float mx = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, ((const float*)(smem + w * REGION))[16 * D + 2 * r]);
+    float acc = 0.0f, den = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float* sw = (const float*)(smem + w * REGION);
+      const float lw = sw[16 * D + 2 * r + 1];
+      if (lw == 0.0f) continue;  // an empty split (or a row no token of it reaches)
+      const float wt = fast_exp2(sw[16 * D + 2 * r] - mx);
+      den += wt * lw;
+      acc += wt * sw[r * D + d];
+    }
+    const int row = mtile * 16 + r;
+    const int tok = q0 + row / G, head = kvh * G + row % G;
+    if (n_parts == 1) {
+      out[tok * o_ts + head * o_hs + d] = from_float(den > 0.0f ? acc / den : 0.0f);
+    } else {
+      const long long prow = ((long long)tok * Hq + head) * n_parts + part;
+      part_o[prow * D + d] = acc;
+      if (d == 0) *(float2*)(part_ml + prow * 2) = make_float2(mx, den);
+    }
+  }
+}
+
 template <bool BF16, bool ASYNC>
 __device__ __forceinline__ void attention_unit(
     const u16* __restrict__ q, u16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
@@ -453,6 +516,11 @@ __device__ __forceinline__ void attention_unit(
       attend<BF16>(qf, qsum, pos, cur, k * TILE, seq_len, scale_log2, t, m, l, z, o);
     }
     cp_async_wait<0>();
+    if (n_splits % WARPS == 0 && n_splits > 1) {  // merge the CTA's WARPS splits (below), then done
+      combine_cta(ring, (u8*)smem, m, l, z, o, out, part_o, part_ml, qsl, b, kvh, mtile, n_rows, G, Hq, o_ts, o_hs,
+                  n_splits, blockIdx.x * WARPS % n_splits / WARPS, g, t);
+      return;
+    }
   } else {
     Tile cur, nxt;
     if (k_begin < k_end) load_tile<false>(cur, tile_ptr(k_begin), s2, g, t);

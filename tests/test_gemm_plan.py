@@ -146,6 +146,6 @@ def test_mid_table_picks_a_narrower_tile(monkeypatch):
 def test_mid_table_entries_are_compiled_configs():
     """Every shipped mid-size entry is a (wgc, ks) the kernel compiles for its width and fits."""
     for (bucket, n, k), (bn, wgc, cs, ks) in gp.SM90_MID_TUNED.items():
-        assert bucket in (128, 256, 512, 1024) and bn in gp.SM90_WIDTHS and cs in gp.SM90_SPLITS
+        assert bucket in (128, 256, 512, 1024) and bn in gp.SM90_ALL_WIDTHS and cs in gp.SM90_SPLITS
         assert (wgc, ks) in gp.sm90_shapes(bn)
         assert gp.Sm90Config(bn, wgc, gp.sm90_stages(bn, wgc, ks), cs, ks).smem_bytes <= gp.SM90_SMEM

@@ -197,16 +197,20 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
         num_splits = decode_splits(b, h, cta_slots(d, query.dtype, query.device.index, rotate_k), m_tiles) \
             if max_query_len <= 1 and not BATCH_INVARIANT else 1
     dev = query.device
-    if num_splits > 1:
-        part_o = torch.empty((t, hq, num_splits, d), dtype=torch.float32, device=dev)
-        part_ml = torch.empty((t, hq, num_splits, 2), dtype=torch.float32, device=dev)
-        po, pml = part_o.data_ptr(), part_ml.data_ptr()
-    else:
-        po = pml = 0
     s = kv_cache.stride()
     rec = reference.kv_record_bytes(d)
     # vLLM's HND layout keeps each 16-token (block, head) tile contiguous: staged by cp.async.
     tiles = s[2] == rec and s[1] % 16 == 0 and s[0] % 16 == 0 and kv_cache.data_ptr() % 16 == 0
+    # That kernel merges the WARPS splits of each CTA itself when num_splits % WARPS == 0 (one
+    # partial per CTA; none, and no reduce launch, when num_splits == WARPS): the same rule as in
+    # kv_int4.cu.
+    parts = num_splits // WARPS if tiles and num_splits > 1 and num_splits % WARPS == 0 else num_splits
+    if parts > 1:
+        part_o = torch.empty((t, hq, parts, d), dtype=torch.float32, device=dev)
+        part_ml = torch.empty((t, hq, parts, 2), dtype=torch.float32, device=dev)
+        po, pml = part_o.data_ptr(), part_ml.data_ptr()
+    else:
+        po = pml = 0
     name, smem = ("kv_int4_attention", WARPS * STAGES * TILE * rec) if tiles else ("kv_int4_attention_strided", 0)
     fn = _kernel(name, d, query.dtype, dev, rotate_k)
     _loader.launch(fn, (math.ceil(m_tiles * num_splits / WARPS), h, b), (32 * WARPS, 1, 1),
@@ -216,9 +220,9 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
                     np.int64(out.stride(1)), np.int64(s[0]), np.int64(s[1]), np.int64(s[2]),
                     np.int32(kv_cache.shape[2]), np.int32(g), np.int32(num_splits),
                     np.float32(softmax_scale * math.log2(math.e))), smem, dev.index)
-    if num_splits > 1:
+    if parts > 1:
         fn = _kernel("kv_int4_reduce", d, query.dtype, dev, rotate_k)
         _loader.launch(fn, (b, hq, 1), (d, 1, 1),
                        (po, pml, out.data_ptr(), query_start_loc.data_ptr(), np.int64(out.stride(0)),
-                        np.int64(out.stride(1)), np.int32(num_splits)), 0, dev.index)
+                        np.int64(out.stride(1)), np.int32(parts)), 0, dev.index)
     return out
