@@ -14,8 +14,8 @@
 //   q      T [tokens, Hq, D], out T [tokens, Hq, D]: strides multiples of 8, 16-byte aligned; Hq = G * H.
 //   qsl    int32 [B+1] query_start_loc; seq_lens int32 [B]; block_table int32 [B, bt_stride].
 //   part_o fp32 [tokens, Hq, S, D], part_ml fp32 [tokens, Hq, S, 2] (split-K partials, S > 1), S =
-//          n_splits, or n_splits / WARPS for the contiguous-tile kernel when WARPS divides n_splits
-//          (its CTAs merge their WARPS splits; no partials at all when n_splits == WARPS).
+//          n_splits, or with `merge` (contiguous-tile kernel, WARPS | n_splits) n_splits / WARPS: its
+//          CTAs merge their WARPS splits, and write no partials at all when n_splits == WARPS.
 // The write kernel's numerics are those of vllm_atom.reference.quantize_kv operation for
 // operation (IEEE division, rintf), so the cache bytes match the reference exactly.
 // ROTATE_K = 1: keys are stored in a Hadamard basis (reference.hadamard_rotate of each (token,
@@ -349,11 +349,11 @@ __device__ __forceinline__ void attend(const u32 (&qf)[D / 16][4], const float (
   }
 }
 
-// The contiguous-tile kernel with n_splits % WARPS == 0: the WARPS warps of a CTA hold WARPS
-// consecutive splits of one row tile, so they merge them here instead of writing WARPS partials each:
-// each warp puts its rows' (m, l) and D accumulators (P.V plus the V-zero term, unnormalised) into
-// its own ring region (free once its copies have landed), the CTA syncs, and its threads merge the
-// WARPS entries of each (row, dim) in split order. With n_splits == WARPS that is the output;
+// The contiguous-tile kernel with `merge` (the host passes it only for n_splits > 1 a multiple of
+// WARPS): the WARPS warps of a CTA hold WARPS consecutive splits of one row tile, so they merge
+// them here instead of writing WARPS partials: each warp puts its rows' (m, l) and D accumulators
+// (P.V plus the V-zero term, unnormalised) into its own ring region (free once its copies have
+// landed), the CTA syncs, and its threads merge the WARPS entries of each (row, dim) in split order. With n_splits == WARPS that is the output;
 // otherwise one partial per CTA (part `part` of n_splits / WARPS) for kv_int4_reduce.
 __device__ __forceinline__ void combine_cta(u8* ring, u8* smem, const float (&m)[2], const float (&l)[2],
                                             const float (&z)[2], const float (&o)[NT][4], u16* __restrict__ out,
@@ -416,7 +416,7 @@ __device__ __forceinline__ void attention_unit(
     const u8* __restrict__ cache, const int* __restrict__ qsl, const int* __restrict__ seq_lens,
     const int* __restrict__ block_table, int bt_stride, long long q_ts, long long q_hs, long long o_ts,
     long long o_hs, long long s0, long long s1, long long s2, int block_size, int G, int n_splits,
-    float scale_log2) {
+    int merge, float scale_log2) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int unit = blockIdx.x * WARPS + (threadIdx.x >> 5);
   const int mtile = unit / n_splits, split = unit % n_splits;
@@ -516,7 +516,7 @@ __device__ __forceinline__ void attention_unit(
       attend<BF16>(qf, qsum, pos, cur, k * TILE, seq_len, scale_log2, t, m, l, z, o);
     }
     cp_async_wait<0>();
-    if (n_splits % WARPS == 0 && n_splits > 1) {  // merge the CTA's WARPS splits (below), then done
+    if (merge) {  // merge the CTA's WARPS splits (below), then done
       combine_cta(ring, (u8*)smem, m, l, z, o, out, part_o, part_ml, qsl, b, kvh, mtile, n_rows, G, Hq, o_ts, o_hs,
                   n_splits, blockIdx.x * WARPS % n_splits / WARPS, g, t);
       return;
@@ -568,10 +568,10 @@ __device__ __forceinline__ void attention_unit(
       const u8 *__restrict__ cache, const int *__restrict__ qsl, const int *__restrict__ seq_lens,         \
       const int *__restrict__ block_table, int bt_stride, long long q_ts, long long q_hs, long long o_ts,   \
       long long o_hs, long long s0, long long s1, long long s2, int block_size, int G, int n_splits,        \
-      float scale_log2
+      int merge, float scale_log2
 #define ATTENTION_PARAMS                                                                                 \
   q, out, part_o, part_ml, cache, qsl, seq_lens, block_table, bt_stride, q_ts, q_hs, o_ts, o_hs, s0, s1, s2, \
-      block_size, G, n_splits, scale_log2
+      block_size, G, n_splits, merge, scale_log2
 
 // Grid (ceil(row_tiles * n_splits / WARPS), H, B), 32 * WARPS threads. This one needs each 16-token
 // (block, head) tile contiguous and 16-byte aligned (s2 == REC, 16 | s0, s1: vLLM's HND layout)

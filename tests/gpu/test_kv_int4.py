@@ -167,13 +167,17 @@ CASES = {
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("rotate_k", [False, True])
-def test_attention_matches_reference(dtype, d, g, case, rotate_k):
+def test_attention_matches_reference(dtype, d, g, case, rotate_k, monkeypatch):
     seq_q = CASES[case]
     nhd = g == 4  # the strided kernel; the others use the contiguous-tile (cp.async) kernel
     cache, bt, qsl, seq_lens, q = build(seq_q, 2, g, d, dtype, nhd, seed=d + g, rotate_k=rotate_k)
     max_q = max(ql for _, ql in seq_q)
-    splits = [None, 1, 4, 7, 8] if case == "decode" else [None]  # 4, 8: merged in the CTA (+ reduce)
-    for s in splits:
+    # splits 4 and 8 (and None: a multiple of 4) are merged in the CTA, 4 with no reduce launch;
+    # 7, and 8 with the merge off, write one partial per split
+    runs = [(None, True), (1, True), (4, True), (7, True), (8, True), (8, False)] if case == "decode" \
+        else [(None, True)]
+    for s, merge in runs:
+        monkeypatch.setattr(kv_int4, "MERGE_SPLITS", merge)
         out = torch.full_like(q, float("nan"))
         kv_int4.attention_int4(q, cache, qsl, seq_lens, bt, max_q, q.shape[-1] ** -0.5, out=out, num_splits=s,
                                rotate_k=rotate_k)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ TILE = 16  # tokens per attention tile; block_size must be a multiple
 WARPS = 4
 STAGES = 4  # cp.async ring depth per warp
 MAX_SPLITS = 64
+# The contiguous-tile attention kernel merges the WARPS decode splits of each CTA in shared memory
+# (one partial per CTA; none and no reduce launch when there are WARPS splits);
+# VLLM_ATOM_KV_MERGE=0 gives every split its own partial, reduced by kv_int4_reduce.
+MERGE_SPLITS = os.environ.get("VLLM_ATOM_KV_MERGE", "1") == "1"
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -201,10 +206,9 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     rec = reference.kv_record_bytes(d)
     # vLLM's HND layout keeps each 16-token (block, head) tile contiguous: staged by cp.async.
     tiles = s[2] == rec and s[1] % 16 == 0 and s[0] % 16 == 0 and kv_cache.data_ptr() % 16 == 0
-    # That kernel merges the WARPS splits of each CTA itself when num_splits % WARPS == 0 (one
-    # partial per CTA; none, and no reduce launch, when num_splits == WARPS): the same rule as in
-    # kv_int4.cu.
-    parts = num_splits // WARPS if tiles and num_splits > 1 and num_splits % WARPS == 0 else num_splits
+    # That kernel can merge the WARPS splits of each CTA itself (MERGE_SPLITS).
+    merge = MERGE_SPLITS and tiles and num_splits > 1 and num_splits % WARPS == 0
+    parts = num_splits // WARPS if merge else num_splits
     if parts > 1:
         part_o = torch.empty((t, hq, parts, d), dtype=torch.float32, device=dev)
         part_ml = torch.empty((t, hq, parts, 2), dtype=torch.float32, device=dev)
@@ -218,7 +222,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
                     seq_lens.data_ptr(), block_table.data_ptr(), np.int32(block_table.stride(0)),
                     np.int64(query.stride(0)), np.int64(query.stride(1)), np.int64(out.stride(0)),
                     np.int64(out.stride(1)), np.int64(s[0]), np.int64(s[1]), np.int64(s[2]),
-                    np.int32(kv_cache.shape[2]), np.int32(g), np.int32(num_splits),
+                    np.int32(kv_cache.shape[2]), np.int32(g), np.int32(num_splits), np.int32(merge),
                     np.float32(softmax_scale * math.log2(math.e))), smem, dev.index)
     if parts > 1:
         fn = _kernel("kv_int4_reduce", d, query.dtype, dev, rotate_k)
