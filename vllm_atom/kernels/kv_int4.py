@@ -32,10 +32,13 @@ TILE = 16  # tokens per attention tile; block_size must be a multiple
 WARPS = 4
 STAGES = 4  # cp.async ring depth per warp
 MAX_SPLITS = 64
-# The contiguous-tile attention kernel merges the WARPS decode splits of each CTA in shared memory
-# (one partial per CTA; none and no reduce launch when there are WARPS splits);
-# VLLM_ATOM_KV_MERGE=0 gives every split its own partial, reduced by kv_int4_reduce.
+# The contiguous-tile attention kernel can merge the WARPS decode splits of each CTA in shared
+# memory (one partial per CTA, so the reduce reads a quarter; none and no reduce launch with WARPS
+# splits). It does so from MERGE_MIN_SPLITS splits on: it pays where the splits are many and
+# short (small batches; measured, cuda/NOTES.md), and costs a little at 12 and 4 splits.
+# VLLM_ATOM_KV_MERGE=0 never merges.
 MERGE_SPLITS = os.environ.get("VLLM_ATOM_KV_MERGE", "1") == "1"
+MERGE_MIN_SPLITS = 32
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -207,7 +210,7 @@ def attention_int4(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc:
     # vLLM's HND layout keeps each 16-token (block, head) tile contiguous: staged by cp.async.
     tiles = s[2] == rec and s[1] % 16 == 0 and s[0] % 16 == 0 and kv_cache.data_ptr() % 16 == 0
     # That kernel can merge the WARPS splits of each CTA itself (MERGE_SPLITS).
-    merge = MERGE_SPLITS and tiles and num_splits > 1 and num_splits % WARPS == 0
+    merge = MERGE_SPLITS and tiles and num_splits >= max(MERGE_MIN_SPLITS, 2) and num_splits % WARPS == 0
     parts = num_splits // WARPS if merge else num_splits
     if parts > 1:
         part_o = torch.empty((t, hq, parts, d), dtype=torch.float32, device=dev)
