@@ -353,8 +353,9 @@ __device__ __forceinline__ void attend(const u32 (&qf)[D / 16][4], const float (
 // WARPS): the WARPS warps of a CTA hold WARPS consecutive splits of one row tile, so they merge
 // them here instead of writing WARPS partials: each warp puts its rows' (m, l) and D accumulators
 // (P.V plus the V-zero term, unnormalised) into its own ring region (free once its copies have
-// landed), the CTA syncs, and its threads merge the WARPS entries of each (row, dim) in split order. With n_splits == WARPS that is the output;
-// otherwise one partial per CTA (part `part` of n_splits / WARPS) for kv_int4_reduce.
+// landed), the CTA syncs (its warps share the row tile, so none returned early alone), and its
+// threads merge the WARPS entries of each (row, dim) in split order. With n_splits == WARPS that
+// is the output; otherwise one partial per CTA (part `part` of n_splits / WARPS) for kv_int4_reduce.
 __device__ __forceinline__ void combine_cta(u8* ring, u8* smem, const float (&m)[2], const float (&l)[2],
                                             const float (&z)[2], const float (&o)[NT][4], u16* __restrict__ out,
                                             float* __restrict__ part_o, float* __restrict__ part_ml,
