@@ -101,21 +101,53 @@ union Vec8 {
   u16 h[8];
 };
 
-// Gather, quantize and store the steps of this CTA from the staged row (T values in smem).
-__device__ __forceinline__ void quantize_row(const u16* row, const int* __restrict__ reorder,
+// The four row positions lane reads for step s: for an INT4 group, byte p = 4*lane + i holds
+// slot 32c + 8t + 2i + h; for the outlier step, slot Kn + 4*lane + i (-1 past O).
+struct Slots {
+  int idx[4];
+};
+
+__device__ __forceinline__ Slots step_slots(const int* __restrict__ reorder, int s, int G, int Kn, int O, int lane) {
+  Slots r;
+  if (s < G) {
+    const int c = lane >> 3, t = lane & 3, h = (lane >> 2) & 1;
+    const int base = s * 128 + c * 32 + 8 * t + h;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r.idx[i] = reorder[base + 2 * i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r.idx[i] = 4 * lane + i < O ? reorder[Kn + 4 * lane + i] : -1;
+  }
+  return r;
+}
+
+// The first step this warp quantizes (then every WARPS-th up to the end of this CTA's steps).
+__device__ __forceinline__ int first_step(int steps_per_cta) { return blockIdx.y * steps_per_cta + threadIdx.x / 32; }
+
+// This warp's first step's slots, loaded by each kernel before it reads its row, so that the two
+// loads overlap (reorder is never written by the kernel before, so this may precede the wait).
+__device__ __forceinline__ Slots first_slots(const int* __restrict__ reorder, int Kn, int O, int steps_per_cta) {
+  const int G = Kn / 128, steps = G + (O > 0), s = first_step(steps_per_cta);
+  const int s_end = min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
+  Slots r = {{-1, -1, -1, -1}};
+  return s < s_end ? step_slots(reorder, s, G, Kn, O, threadIdx.x % 32) : r;
+}
+
+// Gather, quantize and store the steps of this CTA from the staged row (T values in smem); sl
+// holds the first step's slots (first_slots), each next step's are loaded before this one's work.
+__device__ __forceinline__ void quantize_row(const u16* row, const int* __restrict__ reorder, Slots sl,
                                              int Kn, int O, float clip, i8* __restrict__ qa,
                                              float* __restrict__ sa, int ld, int steps_per_cta) {
-  const int m = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m = blockIdx.x, lane = threadIdx.x % 32;
   const int G = Kn / 128, steps = G + (O > 0), KA = Kn + ((O + 31) & ~31);
   const int s_end = min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
-  for (int s = blockIdx.y * steps_per_cta + warp; s < s_end; s += WARPS) {
+  for (int s = first_step(steps_per_cta); s < s_end; s += WARPS) {
+    const Slots cur = sl;
+    if (s + WARPS < s_end) sl = step_slots(reorder, s + WARPS, G, Kn, O, lane);
     float v[4];
     if (s < G) {
-      // byte p = 4*lane + i of this group holds slot 32c + 8t + 2i + h.
-      const int c = lane >> 3, t = lane & 3, h = (lane >> 2) & 1;
-      const int base = s * 128 + c * 32 + 8 * t + h;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = to_float(row[reorder[base + 2 * i]]);
+      for (int i = 0; i < 4; ++i) v[i] = to_float(row[cur.idx[i]]);
       float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
       const float scale = __fdiv_rn(__fmul_rn(amax, clip), 7.0f);
       int q[4];
@@ -137,8 +169,7 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
       float amax = 0.0f;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int p = 4 * lane + i;
-        v[i] = p < O ? to_float(row[reorder[Kn + p]]) : 0.0f;
+        v[i] = cur.idx[i] >= 0 ? to_float(row[cur.idx[i]]) : 0.0f;
         amax = fmaxf(amax, fabsf(v[i]));
       }
       amax = warp_max(amax);
@@ -160,11 +191,12 @@ act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, int K, int
           float clip, i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
+  const Slots sl = first_slots(reorder, Kn, O, steps_per_cta);  // overlaps the row's loads
   grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   for (int i = threadIdx.x; i < K / 8; i += THREADS) ((uint4*)row)[i] = src[i];
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
+  quantize_row(row, reorder, sl, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
 // y = T(x * rsqrt(mean(x^2) + eps) * w), as vLLM's RMSNorm compiled (Inductor rounds once), then quantize y.
@@ -174,6 +206,7 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
                   i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
+  const Slots sl = first_slots(reorder, Kn, O, steps_per_cta);  // overlaps the row's loads
   grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   const uint4* src = (const uint4*)(x + (size_t)blockIdx.x * K);
   float ss = 0.0f;
@@ -199,7 +232,7 @@ rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ norm_w, flo
     ((uint4*)row)[i] = d.v;
   }
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
+  quantize_row(row, reorder, sl, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
 // s = float(x) + float(residual); residual_out = T(s); y = T(s * rsqrt(mean(s^2) + eps) * w)
@@ -212,6 +245,7 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
                             i8* __restrict__ qa, float* __restrict__ sa, int ld, int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
+  const Slots sl = first_slots(reorder, Kn, O, steps_per_cta);  // overlaps the row's loads
   grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   uint4* res_row = (uint4*)(row + K);
   const size_t off = (size_t)blockIdx.x * K;
@@ -248,7 +282,7 @@ fused_add_rmsnorm_act_quant(const u16* __restrict__ x, const u16* __restrict__ r
     ((uint4*)row)[i] = d.v;
   }
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
+  quantize_row(row, reorder, sl, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
 
 // y = T(silu(gate) * up), as vLLM's SiluAndMul compiled (one rounding), then quantize y. x is [M, 2K].
@@ -258,6 +292,7 @@ silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, i
                    int steps_per_cta) {
   extern __shared__ __align__(16) u16 row[];
   allow_dependents();  // the GEMM after this kernel may start streaming its weights
+  const Slots sl = first_slots(reorder, Kn, O, steps_per_cta);  // overlaps the row's loads
   grid_dependency_wait();  // VLLM_ATOM_PDL=2: a dependent of the GEMM before, whose output is x
   const uint4* gate = (const uint4*)(x + (size_t)blockIdx.x * 2 * K);
   const uint4* up = gate + K / 8;
@@ -273,5 +308,5 @@ silu_mul_act_quant(const u16* __restrict__ x, const int* __restrict__ reorder, i
     ((uint4*)row)[i] = g.v;
   }
   __syncthreads();
-  quantize_row(row, reorder, Kn, O, clip, qa, sa, ld, steps_per_cta);
+  quantize_row(row, reorder, sl, Kn, O, clip, qa, sa, ld, steps_per_cta);
 }
