@@ -20,7 +20,8 @@
 //                           e4m3 encodings of the integers (exact), the outliers stay int8
 //   sa       fp32  [G+(O>0), ld]  per token pair (2p, 2p+1) at [4p, 4p+4): their scales, then
 //                           C = fp32(X * scale) * 2^-6 of each, X the sum of the token's integers
-//                           in the group (0 for the outlier step)
+//                           in the group (0 for the outlier step); C only with E4M3 (the s8 GEMM
+//                           reads the scales alone), unwritten otherwise
 // Numerics are those of vllm_atom.reference.quantize_activation, operation for operation
 // (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
 // Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
@@ -158,7 +159,7 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
 #else
       *out_word(qa, s, 4 * lane, m, ld, Kn, KA) = pack4(q[0], q[1], q[2], q[3]);
 #endif
-#if SM90_LAYOUT
+#if SM90_LAYOUT && E4M3
       int x = q[0] + q[1] + q[2] + q[3];  // the group's integer sum, for the e4m3 fold's C
 #pragma unroll
       for (int o = 16; o; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -179,7 +180,7 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
             pack4(quant(v[0], scale, -128.f, 127.f), quant(v[1], scale, -128.f, 127.f),
                   quant(v[2], scale, -128.f, 127.f), quant(v[3], scale, -128.f, 127.f));
       if (lane == 0) sa[scale_index(s, m, ld)] = scale;
-#if SM90_LAYOUT
+#if SM90_LAYOUT && E4M3
       if (lane == 0) sa[scale_index(s, m, ld) + 2] = 0.0f;
 #endif
     }

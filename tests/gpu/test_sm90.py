@@ -66,8 +66,10 @@ def test_quantize_act_sm90_exact(m, k, dtype, variant):
         poison([((steps, m, 128), torch.int8), ((steps, 2 * layout.padded_tokens(m)), torch.float32)], value)
         qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, o, CFG.a_clip, True)
         assert torch.equal(qa, want_qa), f"{(qa != want_qa).sum().item()} of {qa.numel()} bytes differ"
-        for got, want in zip(layout.sm90_entries(sa, m), layout.sm90_entries(want_sa, m)):
-            assert torch.equal(got, want)
+        got, want = layout.sm90_entries(sa, m), layout.sm90_entries(want_sa, m)
+        assert torch.equal(got[0], want[0])
+        if layout.sm90_e4m3(m):  # C is written for the e4m3 GEMM only
+            assert torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("shape", list(ALL_SHAPES))

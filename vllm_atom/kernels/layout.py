@@ -13,9 +13,11 @@ zero-padded to 128) at [s, m], with 16-byte chunk c stored at chunk c ^ (m % 8).
 ``sa`` fp32 [steps, 2*Mp], Mp = M rounded up to 8: per token pair (2p, 2p+1) four floats at
 [s, 4p:4p+4] = (scale of 2p, scale of 2p+1, C of 2p, C of 2p+1) with C = fp32(X * scale) * 2^-6,
 X the sum of the token's integers in group s (0 for the outlier step); entries of tokens >= M
-unspecified. With e4m3 (`gemm_plan.sm90_e4m3(M)`, decided by M alone) the INT4 group bytes hold
-the e4m3 encodings of the integers instead of the int8 ones (the outlier step stays int8); the
-GEMM then folds (X + the e4m3 products' offset) with C, see cuda/w4a4_sm90.cu.
+unspecified, and so is C without e4m3 (the s8 GEMM reads only the scales; act_quant.cu
+writes C for the e4m3 path alone). With e4m3 (`gemm_plan.sm90_e4m3(M)`, decided by M alone)
+the INT4 group bytes hold the e4m3 encodings of the integers instead of the int8 ones (the
+outlier step stays int8); the GEMM then folds (X + the e4m3 products' offset) with C, see
+cuda/w4a4_sm90.cu.
 ``wpack`` uint8 [Np/64, slab] (`prepack_sm90`, Np = N rounded up to 128, zero rows past N):
 for each 64-row slab, G chunks of CHUNK4 bytes then, if O > 0, one of CHUNK8 bytes.
 INT4 chunk of group g: byte w*1024 + h*512 + l*16 + 4*kc + b holds byte b of 32-bit word
