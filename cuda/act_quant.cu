@@ -31,7 +31,9 @@
 // the GEMM whose output is x; after a normal launch the wait returns at once).
 #include "common.cuh"
 
+#ifndef THREADS  // threads per CTA (the host passes the same number)
 #define THREADS 256
+#endif
 #define WARPS (THREADS / 32)
 #ifndef SM90_LAYOUT
 #define SM90_LAYOUT 0
