@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
-from vllm_atom.kernels import _loader, kv_int4  # noqa: E402
+from vllm_atom.kernels import _loader, cuda_ops, kv_int4  # noqa: E402
 from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_ALL_WIDTHS, SM90_SPLITS, SM90_WIDTHS, Sm90Config,  # noqa: E402
                                          sm90_pipe_wgcs, sm90_shapes, sm90_stages)
 
@@ -24,10 +24,11 @@ def test_sources_found():
     assert {"act_quant.cu", "w4a4_gemm.cu", "kv_int4.cu"} <= set(_loader.sources())
 
 
+@pytest.mark.parametrize("threads", cuda_ops._ACT_BLOCKS)
 @pytest.mark.parametrize("bf16", [1, 0])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_act_quant_compiles(arch, bf16):
-    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", bf16),), arch)
+def test_act_quant_compiles(arch, bf16, threads):
+    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", bf16),) + threads, arch)
 
 
 @pytest.mark.parametrize("bf16", [1, 0])
@@ -68,11 +69,12 @@ def test_sm90_lean_gemm_compiles(bn, wgc, cs, bf16):
     assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
 
 
+@pytest.mark.parametrize("threads", cuda_ops._ACT_BLOCKS)
 @pytest.mark.parametrize("e4m3", [0, 1])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_act_quant_sm90_layout_compiles(arch, e4m3):
+def test_act_quant_sm90_layout_compiles(arch, e4m3, threads):
     e4m3_define = (("E4M3", 1),) if e4m3 else ()  # (as cuda_ops._act_defines spells them: the cache key)
-    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", 1), ("SM90_LAYOUT", 1)) + e4m3_define, arch)
+    assert _loader.compile_cubin("act_quant.cu", (("DTYPE_BF16", 1), ("SM90_LAYOUT", 1)) + e4m3_define + threads, arch)
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

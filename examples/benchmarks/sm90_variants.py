@@ -19,6 +19,8 @@ The results are wrong by construction for every variant but "base": they only bo
              counterparts on the e4m3 path (with the cut at 0)
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
+    NAME+oldsplit  variant NAME with the quantization's CTA split of before v3.12 (256 threads,
+             no staging cap: cuda_ops.ACT_STAGE_BYTES = None); meaningful with --linear
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
              runs it: the GEMM a programmatic dependent launch); --linear times every variant so
     l2pf<N>  the producer prefetches its first N steps of weights into L2 before waiting for the
@@ -146,8 +148,12 @@ def main() -> None:
     cfg = AtomConfig()
     root = Path(tempfile.mkdtemp(prefix="sm90-variants-"))
     cuda_dir = _loader.CUDA_DIR
-    default_cut, default_lean = gemm_plan.SM90_E4M3_MIN_M, gemm_plan.SM90_LEAN
-    dirs = {v: variant_dir(v, root, cuda_dir) for v in variants}
+    default_cut, default_lean, default_cap = gemm_plan.SM90_E4M3_MIN_M, gemm_plan.SM90_LEAN, cuda_ops.ACT_STAGE_BYTES
+    dirs = {}
+    for v in variants:
+        name = v.partition("+")[0]
+        if name not in dirs:
+            dirs[name] = variant_dir(name, root, cuda_dir)
     rows = []
     shapes = SHAPES if not args.shapes else [s for s in bench_gemm.SHAPES if f"{s[0]}:{s[1]}" in args.shapes.split(",")]
     if args.shapes and len(shapes) != len(args.shapes.split(",")):
@@ -165,9 +171,13 @@ def main() -> None:
             n_sets = max(n_w, min(8, math.ceil(bench_gemm.ROTATE_BYTES / (2 * m * k + 2 * m * n))))
             xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
             for v in variants:
-                use_kernels(dirs[v])
-                gemm_plan.SM90_E4M3_MIN_M = variant_cut(v, default_cut)
-                gemm_plan.SM90_LEAN = variant_lean(v, default_lean)
+                name, _, host = v.partition("+")
+                if host not in ("", "oldsplit"):
+                    raise SystemExit(f"variant {v}: unknown suffix +{host}")
+                use_kernels(dirs[name])
+                gemm_plan.SM90_E4M3_MIN_M = variant_cut(name, default_cut)
+                gemm_plan.SM90_LEAN = variant_lean(name, default_lean)
+                cuda_ops.ACT_STAGE_BYTES = None if host == "oldsplit" else default_cap
                 sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
                         for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:
@@ -187,10 +197,11 @@ def main() -> None:
     use_kernels(cuda_dir)
     gemm_plan.SM90_E4M3_MIN_M = default_cut
     gemm_plan.SM90_LEAN = default_lean
+    cuda_ops.ACT_STAGE_BYTES = default_cap
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),
-                                   patches={v: PATCHES.get(v, v) for v in variants}, linear=args.linear,
+                                   patches={v: PATCHES.get(v.partition("+")[0], v) for v in variants}, linear=args.linear,
                                    rows=rows), indent=1))
     print(f"wrote {out}")
 

@@ -19,7 +19,7 @@ import torch
 
 from vllm_atom import reference as R
 from vllm_atom.config import AtomConfig
-from vllm_atom.kernels import layout, ops
+from vllm_atom.kernels import cuda_ops, layout, ops
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -147,6 +147,27 @@ def test_quantize_act_edge_cases(case):
     want_qa, want_sa = layout.pack_activation(R.QuantizedActivation(*(t.to(DEV) for t in a)))
     qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, o, clip)
     assert torch.equal(qa, want_qa) and torch.equal(sa, want_sa)
+
+
+@pytest.mark.parametrize("sm90", [False, True])
+@pytest.mark.parametrize("m,k", [(1, 28672), (7, 28672), (33, 8192), (64, 11008), (64, 28672), (300, 28672)])
+def test_quantize_act_block_sizes_agree(m, k, sm90, monkeypatch):
+    """Every row split of cuda_ops.act_split (wide rows on fewer CTAs of 1024 threads, or the
+    256-thread split at any size) writes the same bytes: the reference's."""
+    if sm90 and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 layout needs sm_90")
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    ref = ref_quantize(x, idx, o)
+    want = layout.pack_activation_sm90(ref) if sm90 else layout.pack_activation(ref)
+    for cap in (None, 0, 1 << 20, cuda_ops.ACT_STAGE_BYTES):
+        monkeypatch.setattr(cuda_ops, "ACT_STAGE_BYTES", cap)
+        qa, sa = torch.ops.vllm_atom.quantize_act(x, idx, o, CFG.a_clip, sm90)
+        assert torch.equal(qa, want[0]), f"cap {cap}: {(qa != want[0]).sum().item()} bytes differ"
+        if sm90:
+            assert torch.equal(layout.sm90_entries(sa, m)[0], layout.sm90_entries(want[1], m)[0]), f"cap {cap}"
+        else:
+            assert torch.equal(sa, want[1]), f"cap {cap}"
 
 
 def close_act(qa, sa, ref: R.QuantizedActivation, what: str):

@@ -20,6 +20,11 @@ from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, 
                                          sm90_e4m3, sm90_plan, sm90_stages)
 
 ACT_THREADS = 256
+# act_split: the shared-memory staging, all CTAs of a quantization together, above which wide rows
+# go to fewer CTAs of ACT_WIDE_THREADS (cuda/NOTES.md v3.12)
+ACT_STAGE_BYTES: int | None = 4 << 20
+ACT_WIDE_THREADS = 1024
+_ACT_BLOCKS = ((), (("THREADS", ACT_WIDE_THREADS),))  # the block-size defines act_split can pick
 # act_quant.cu's kernels: plain, and fused with the producers of `vllm_atom.serve.fusion`
 ACT_KERNELS = ("act_quant", "rmsnorm_act_quant", "fused_add_rmsnorm_act_quant", "silu_mul_act_quant")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -87,18 +92,35 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     sa = torch.empty((steps, ld), dtype=torch.float32, device=x.device)
     if m == 0:
         return qa, sa
-    # Few rows: spread each row's steps over several CTAs so the chip is used.
-    ctas = max(1, min(math.ceil(2 * sms / m), math.ceil(steps / (ACT_THREADS // 32))))
+    threads, ctas = act_split(m, k, steps, sms)
     per_cta = math.ceil(steps / ctas)
     smem = 2 * k * rows  # the staged 16-bit rows
-    fn = _loader.kernel("act_quant.cu", name, _act_defines(x.dtype, sm90, e4m3), dev)
+    defines = _act_defines(x.dtype, sm90, e4m3) + ((("THREADS", threads),) if threads != ACT_THREADS else ())
+    fn = _loader.kernel("act_quant.cu", name, defines, dev)
     x = _aligned(x)  # alive until the launch
-    _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (ACT_THREADS, 1, 1),
+    _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (threads, 1, 1),
                    (x.data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
                     np.int32(kn), np.int32(n_outliers), np.float32(a_clip), qa.data_ptr(), sa.data_ptr(),
                     np.int32(ld), np.int32(per_cta)), smem, dev,
                    dependent=2 if sm90 else 0)  # VLLM_ATOM_PDL=2: starts while the GEMM before it ends
     return qa, sa
+
+
+def act_split(m: int, k: int, steps: int, sms: int) -> tuple[int, int]:
+    """(threads per CTA, CTAs per row) of the quantization of ``m`` rows of ``k`` channels.
+
+    Each CTA stages its whole row in shared memory and quantizes a share of the row's ``steps``,
+    one warp per step at a time. Few rows: the steps of a row are spread over several CTAs so that
+    the chip is used. When that would stage more than `ACT_STAGE_BYTES` in all (wide rows: every
+    CTA of a row reads all of it), fewer CTAs of `ACT_WIDE_THREADS` threads share a row instead
+    (``ACT_STAGE_BYTES = None``: never)."""
+    threads = ACT_THREADS
+    ctas = max(1, min(math.ceil(2 * sms / m), math.ceil(steps / (threads // 32))))
+    row_bytes = 2 * k * m
+    if ACT_STAGE_BYTES is not None and ctas > 1 and row_bytes * ctas > ACT_STAGE_BYTES:
+        threads = ACT_WIDE_THREADS
+        ctas = max(1, min(ctas, ACT_STAGE_BYTES // row_bytes, math.ceil(steps / (threads // 32))))
+    return threads, ctas
 
 
 def _act_defines(dtype: torch.dtype, sm90: bool, e4m3: bool = False) -> tuple[tuple[str, int], ...]:
@@ -307,7 +329,8 @@ def _compile_sm90(dev: int, n: int, steps: int, dtype: torch.dtype) -> None:
     cfgs = sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev))
     for name in ACT_KERNELS:
         for e4m3 in sorted({bool(c.e4m3) for c in cfgs}):  # (e4m3 only where the cut is in range)
-            _loader.kernel("act_quant.cu", name, _act_defines(dtype, True, e4m3), dev)
+            for threads in _ACT_BLOCKS:
+                _loader.kernel("act_quant.cu", name, _act_defines(dtype, True, e4m3) + threads, dev)
     for cfg in cfgs:
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
 
@@ -321,7 +344,8 @@ def prepare(qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, dtype) 
     _check_device(dev)
     _counters(dev)
     for name in ACT_KERNELS:
-        _loader.kernel("act_quant.cu", name, _dtype_define(dtype), dev)
+        for threads in _ACT_BLOCKS:
+            _loader.kernel("act_quant.cu", name, _dtype_define(dtype) + threads, dev)
     for cfg in GEMM_CONFIGS:
         defines = _gemm_defines(cfg, dtype)
         _loader.kernel("w4a4_gemm.cu", "w4a4_gemm", defines, dev)
