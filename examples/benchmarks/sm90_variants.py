@@ -19,8 +19,9 @@ The results are wrong by construction for every variant but "base": they only bo
              counterparts on the e4m3 path (with the cut at 0)
     git:REV  the kernel sources (cuda/) as committed at REV, unpatched
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
-    NAME+oldsplit  variant NAME with the quantization's CTA split of before v3.12 (256 threads,
-             no staging cap: cuda_ops.ACT_STAGE_BYTES = None); meaningful with --linear
+    NAME+capN  variant NAME with the quantization's staging cap cuda_ops.ACT_STAGE_BYTES at N MiB
+             (wide rows on fewer CTAs of 1024 threads above it); NAME+oldsplit: no cap (256 threads,
+             the split of before v3.12); meaningful with --linear
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
              runs it: the GEMM a programmatic dependent launch); --linear times every variant so
     l2pf<N>  the producer prefetches its first N steps of weights into L2 before waiting for the
@@ -172,12 +173,13 @@ def main() -> None:
             xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
             for v in variants:
                 name, _, host = v.partition("+")
-                if host not in ("", "oldsplit"):
+                if host not in ("", "oldsplit") and not (host.startswith("cap") and host[3:].isdigit()):
                     raise SystemExit(f"variant {v}: unknown suffix +{host}")
                 use_kernels(dirs[name])
                 gemm_plan.SM90_E4M3_MIN_M = variant_cut(name, default_cut)
                 gemm_plan.SM90_LEAN = variant_lean(name, default_lean)
-                cuda_ops.ACT_STAGE_BYTES = None if host == "oldsplit" else default_cap
+                cuda_ops.ACT_STAGE_BYTES = (None if host == "oldsplit" else int(host[3:]) << 20 if host
+                                            else default_cap)
                 sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
                         for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:

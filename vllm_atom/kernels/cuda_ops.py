@@ -21,10 +21,15 @@ from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, 
 
 ACT_THREADS = 256
 # act_split: the shared-memory staging, all CTAs of a quantization together, above which wide rows
-# go to fewer CTAs of ACT_WIDE_THREADS (cuda/NOTES.md v3.12)
-ACT_STAGE_BYTES: int | None = 4 << 20
+# go to fewer CTAs of ACT_WIDE_THREADS; None: never (the default until measured, cuda/NOTES.md v3.12)
+ACT_STAGE_BYTES: int | None = None
 ACT_WIDE_THREADS = 1024
 _ACT_BLOCKS = ((), (("THREADS", ACT_WIDE_THREADS),))  # the block-size defines act_split can pick
+
+
+def _act_blocks() -> tuple[tuple[tuple[str, int], ...], ...]:
+    """The block-size defines act_split picks from with the current ACT_STAGE_BYTES."""
+    return _ACT_BLOCKS if ACT_STAGE_BYTES is not None else _ACT_BLOCKS[:1]
 # act_quant.cu's kernels: plain, and fused with the producers of `vllm_atom.serve.fusion`
 ACT_KERNELS = ("act_quant", "rmsnorm_act_quant", "fused_add_rmsnorm_act_quant", "silu_mul_act_quant")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -329,7 +334,7 @@ def _compile_sm90(dev: int, n: int, steps: int, dtype: torch.dtype) -> None:
     cfgs = sm90_configs(n, layout.GROUP * steps, steps, _check_device(dev), _cluster_slots(dev))
     for name in ACT_KERNELS:
         for e4m3 in sorted({bool(c.e4m3) for c in cfgs}):  # (e4m3 only where the cut is in range)
-            for threads in _ACT_BLOCKS:
+            for threads in _act_blocks():
                 _loader.kernel("act_quant.cu", name, _act_defines(dtype, True, e4m3) + threads, dev)
     for cfg in cfgs:
         _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(dtype), dev)
@@ -344,7 +349,7 @@ def prepare(qweight, w_scale, w_outlier, w_outlier_scale, reorder_index, dtype) 
     _check_device(dev)
     _counters(dev)
     for name in ACT_KERNELS:
-        for threads in _ACT_BLOCKS:
+        for threads in _act_blocks():
             _loader.kernel("act_quant.cu", name, _dtype_define(dtype) + threads, dev)
     for cfg in GEMM_CONFIGS:
         defines = _gemm_defines(cfg, dtype)
