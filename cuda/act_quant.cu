@@ -24,8 +24,9 @@
 //                           reads the scales alone), unwritten otherwise
 // Numerics are those of vllm_atom.reference.quantize_activation, operation for operation
 // (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
-// Grid (M, ctas_per_row), 256 threads, dynamic shared memory K*2 bytes; CTA y quantizes
-// steps [y*steps_per_cta, (y+1)*steps_per_cta) of row blockIdx.x (a step = a group or the outliers).
+// Grid (M, ctas_per_row), THREADS threads (256; 1024 for wide rows, cuda_ops.act_split), dynamic
+// shared memory K*2 bytes; CTA y quantizes steps [y*steps_per_cta, (y+1)*steps_per_cta) of row
+// blockIdx.x (a step = a group or the outliers), warp w the steps y*steps_per_cta + w + i*WARPS.
 // Each CTA first lets a programmatically dependent kernel (the sm90 GEMM) start, then waits for
 // the kernel before it (with VLLM_ATOM_PDL=2 this one is launched as a programmatic dependent of
 // the GEMM whose output is x; after a normal launch the wait returns at once).
