@@ -30,6 +30,8 @@ _ACT_BLOCKS = ((), (("THREADS", ACT_WIDE_THREADS),))  # the block-size defines a
 def _act_blocks() -> tuple[tuple[tuple[str, int], ...], ...]:
     """The block-size defines act_split picks from with the current ACT_STAGE_BYTES."""
     return _ACT_BLOCKS if ACT_STAGE_BYTES is not None else _ACT_BLOCKS[:1]
+
+
 # act_quant.cu's kernels: plain, and fused with the producers of `vllm_atom.serve.fusion`
 ACT_KERNELS = ("act_quant", "rmsnorm_act_quant", "fused_add_rmsnorm_act_quant", "silu_mul_act_quant")
 _DTYPES = (torch.bfloat16, torch.float16)
