@@ -125,16 +125,18 @@ __device__ __forceinline__ Slots step_slots(const int* __restrict__ reorder, int
   return r;
 }
 
-// The first step this warp quantizes (then every WARPS-th up to the end of this CTA's steps).
+// The first step this warp quantizes (then every WARPS-th up to step_end, this CTA's end).
 __device__ __forceinline__ int first_step(int steps_per_cta) { return blockIdx.y * steps_per_cta + threadIdx.x / 32; }
+__device__ __forceinline__ int step_end(int steps, int steps_per_cta) {
+  return min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
+}
 
 // This warp's first step's slots, loaded by each kernel before it reads its row, so that the two
 // loads overlap (reorder is never written by the kernel before, so this may precede the wait).
 __device__ __forceinline__ Slots first_slots(const int* __restrict__ reorder, int Kn, int O, int steps_per_cta) {
-  const int G = Kn / 128, steps = G + (O > 0), s = first_step(steps_per_cta);
-  const int s_end = min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
+  const int G = Kn / 128, s = first_step(steps_per_cta);
   Slots r = {{-1, -1, -1, -1}};
-  return s < s_end ? step_slots(reorder, s, G, Kn, O, threadIdx.x % 32) : r;
+  return s < step_end(G + (O > 0), steps_per_cta) ? step_slots(reorder, s, G, Kn, O, threadIdx.x % 32) : r;
 }
 
 // Gather, quantize and store the steps of this CTA from the staged row (T values in smem); sl
@@ -144,7 +146,7 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
                                              float* __restrict__ sa, int ld, int steps_per_cta) {
   const int m = blockIdx.x, lane = threadIdx.x % 32;
   const int G = Kn / 128, steps = G + (O > 0), KA = Kn + ((O + 31) & ~31);
-  const int s_end = min(steps, (int)(blockIdx.y + 1) * steps_per_cta);
+  const int s_end = step_end(steps, steps_per_cta);
   for (int s = first_step(steps_per_cta); s < s_end; s += WARPS) {
     const Slots cur = sl;
     if (s + WARPS < s_end) sl = step_slots(reorder, s + WARPS, G, Kn, O, lane);

@@ -24,7 +24,14 @@ ACT_THREADS = 256
 # go to fewer CTAs of ACT_WIDE_THREADS; None: never (the default until measured, cuda/NOTES.md v3.12)
 ACT_STAGE_BYTES: int | None = None
 ACT_WIDE_THREADS = 1024
-_ACT_BLOCKS = ((), (("THREADS", ACT_WIDE_THREADS),))  # the block-size defines act_split can pick
+
+
+def _block_define(threads: int) -> tuple[tuple[str, int], ...]:
+    """act_quant.cu's block-size define (none for the default: the kernel cache key)."""
+    return (("THREADS", threads),) if threads != ACT_THREADS else ()
+
+
+_ACT_BLOCKS = (_block_define(ACT_THREADS), _block_define(ACT_WIDE_THREADS))  # what act_split can pick
 
 
 def _act_blocks() -> tuple[tuple[tuple[str, int], ...], ...]:
@@ -102,8 +109,7 @@ def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n
     threads, ctas = act_split(m, k, steps, sms)
     per_cta = math.ceil(steps / ctas)
     smem = 2 * k * rows  # the staged 16-bit rows
-    defines = _act_defines(x.dtype, sm90, e4m3) + ((("THREADS", threads),) if threads != ACT_THREADS else ())
-    fn = _loader.kernel("act_quant.cu", name, defines, dev)
+    fn = _loader.kernel("act_quant.cu", name, _act_defines(x.dtype, sm90, e4m3) + _block_define(threads), dev)
     x = _aligned(x)  # alive until the launch
     _loader.launch(fn, (m, math.ceil(steps / per_cta), 1), (threads, 1, 1),
                    (x.data_ptr(), *extra, reorder_index.contiguous().data_ptr(), np.int32(k),
