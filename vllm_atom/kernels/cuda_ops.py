@@ -21,8 +21,8 @@ from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, 
 
 ACT_THREADS = 256
 # act_split: the shared-memory staging, all CTAs of a quantization together, above which wide rows
-# go to fewer CTAs of ACT_WIDE_THREADS; None: never (the default until measured, cuda/NOTES.md v3.12)
-ACT_STAGE_BYTES: int | None = None
+# go to fewer CTAs of ACT_WIDE_THREADS; None: never (8 MiB: the A/B of cuda/NOTES.md v3.12)
+ACT_STAGE_BYTES: int | None = 8 << 20
 ACT_WIDE_THREADS = 1024
 
 
