@@ -30,7 +30,7 @@
 // Each CTA first lets a programmatically dependent kernel (the sm90 GEMM) start, then waits for
 // the kernel before it (with VLLM_ATOM_PDL=2 this one is launched as a programmatic dependent of
 // the GEMM whose output is x; after a normal launch the wait returns at once).
-#include "common.cuh"
+#include "quant.cuh"
 
 #ifndef THREADS  // threads per CTA (the host passes the same number)
 #define THREADS 256
@@ -52,12 +52,6 @@ __device__ __forceinline__ u32* out_word(i8* qa, int s, int p, int m, int ld, in
 #endif
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -76,10 +70,6 @@ __device__ __forceinline__ float row_rsqrt(float ss, int K, float eps) {
   return rsqrtf(total / (float)K + eps);
 }
 
-__device__ __forceinline__ int quant(float v, float scale, float lo, float hi) {
-  return scale > 0.0f ? (int)fminf(fmaxf(rintf(__fdiv_rn(v, scale)), lo), hi) : 0;
-}
-
 // The e4m3 byte of an integer q in [-8, 7] (exact): sign, exponent + 7 and the top 3 mantissa
 // bits of the fp32 value, 0 for 0.
 __device__ __forceinline__ int e4m3_of(int q) {
@@ -96,34 +86,10 @@ __device__ __forceinline__ size_t scale_index(int s, int m, int ld) {
 #endif
 }
 
-__device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
-  return (u32)(a & 0xff) | ((u32)(b & 0xff) << 8) | ((u32)(c & 0xff) << 16) | ((u32)(d & 0xff) << 24);
-}
-
 union Vec8 {
   uint4 v;
   u16 h[8];
 };
-
-// The four row positions lane reads for step s: for an INT4 group, byte p = 4*lane + i holds
-// slot 32c + 8t + 2i + h; for the outlier step, slot Kn + 4*lane + i (-1 past O).
-struct Slots {
-  int idx[4];
-};
-
-__device__ __forceinline__ Slots step_slots(const int* __restrict__ reorder, int s, int G, int Kn, int O, int lane) {
-  Slots r;
-  if (s < G) {
-    const int c = lane >> 3, t = lane & 3, h = (lane >> 2) & 1;
-    const int base = s * 128 + c * 32 + 8 * t + h;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) r.idx[i] = reorder[base + 2 * i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) r.idx[i] = 4 * lane + i < O ? reorder[Kn + 4 * lane + i] : -1;
-  }
-  return r;
-}
 
 // The first step this warp quantizes (then every WARPS-th up to step_end, this CTA's end).
 __device__ __forceinline__ int first_step(int steps_per_cta) { return blockIdx.y * steps_per_cta + threadIdx.x / 32; }
@@ -154,11 +120,8 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
     if (s < G) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) v[i] = to_float(row[cur.idx[i]]);
-      float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
-      const float scale = __fdiv_rn(__fmul_rn(amax, clip), 7.0f);
       int q[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) q[i] = quant(v[i], scale, -8.f, 7.f);
+      const float scale = quantize_lane(v, true, clip, q);
 #if E4M3
       *out_word(qa, s, 4 * lane, m, ld, Kn, KA) = pack4(e4m3_of(q[0]), e4m3_of(q[1]), e4m3_of(q[2]), e4m3_of(q[3]));
 #else
@@ -172,18 +135,12 @@ __device__ __forceinline__ void quantize_row(const u16* row, const int* __restri
 #endif
       if (lane == 0) sa[scale_index(s, m, ld)] = scale;
     } else {
-      float amax = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        v[i] = cur.idx[i] >= 0 ? to_float(row[cur.idx[i]]) : 0.0f;
-        amax = fmaxf(amax, fabsf(v[i]));
-      }
-      amax = warp_max(amax);
-      const float scale = __fdiv_rn(amax, 127.0f);
+      for (int i = 0; i < 4; ++i) v[i] = cur.idx[i] >= 0 ? to_float(row[cur.idx[i]]) : 0.0f;
+      int q[4];
+      const float scale = quantize_lane(v, false, clip, q);
       if (SM90_LAYOUT || 4 * lane < ((O + 31) & ~31))
-        *out_word(qa, s, 4 * lane, m, ld, Kn, KA) =
-            pack4(quant(v[0], scale, -128.f, 127.f), quant(v[1], scale, -128.f, 127.f),
-                  quant(v[2], scale, -128.f, 127.f), quant(v[3], scale, -128.f, 127.f));
+        *out_word(qa, s, 4 * lane, m, ld, Kn, KA) = pack4(q[0], q[1], q[2], q[3]);
       if (lane == 0) sa[scale_index(s, m, ld)] = scale;
 #if SM90_LAYOUT && E4M3
       if (lane == 0) sa[scale_index(s, m, ld) + 2] = 0.0f;

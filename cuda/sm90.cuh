@@ -44,6 +44,12 @@ __device__ __forceinline__ void mbar_arrive_at(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
 }
 
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads of them
+// (wgmma operands, bulk copies); issue it before the arrive that hands the data over.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // Shared-memory loads at a 32-bit shared address (ordered after the barrier waits above).
 __device__ __forceinline__ uint4 lds128(u32 addr) {
   uint4 v;

@@ -15,6 +15,11 @@
 //                                  then 64 fp16 scales), then one 8320-byte outlier chunk (8192
 //                                  bytes of INT8 fragments, 64 fp16 scales) if O > 0
 //   bias  T [N] or null;  out T [M, N]
+// With QIN=1 (decode, M <= gemm_plan.SM90_QIN_MAX_M) qa and sa are not read: the kernel takes
+//   x     T     [M, K]     the activations, rows contiguous;  reorder int32 [K] (act_quant.cu's)
+// and warps 1-3 of the producer warpgroup quantize them into the stages themselves (quant.cuh,
+// the integers and scales of act_quant.cu with SM90_LAYOUT, bit for bit), so no quantization
+// launch precedes the GEMM and the weight stream starts before the dependency wait.
 // Math: per step an exact int32 dot product on tensor cores (wgmma m64nBNk32 s8, INT4 weights
 // expanded in registers to 16*w), folded into fp32 as acc += (isum * sw) * sa with an integer
 // add of the bits of 1.5*2^23 and two FMAs (see common.cuh), steps in order. With E4M3 the INT4
@@ -40,6 +45,7 @@
 // kernel after it launch if that one is a programmatic dependent (the next quantization with
 // VLLM_ATOM_PDL=2).
 // Grid (tiles_m * tiles_n, CS), cluster (1, CS, 1); tiles rasterized in groups of 8 M-tiles.
+#include "quant.cuh"
 #include "sm90.cuh"
 
 #ifndef BN
@@ -73,6 +79,10 @@
 #ifndef PIPE  // 1: each consumer warpgroup keeps one step's MMAs in flight while it folds the step before
 #define PIPE 0
 #endif
+#ifndef QIN  // 1: the producer warpgroup quantizes x itself (see the contract above)
+#define QIN 0
+#endif
+#define QIN_WARPS 3  // warps 1-3 of the producer warpgroup
 #ifndef LEAN  // 1: the consumers' step loop on 32-bit shared addresses kept in registers, the outlier
 #define LEAN 0  // step peeled off the loop (the plan turns it on wherever it applies: gemm_plan.SM90_LEAN)
 #endif
@@ -87,7 +97,7 @@
 #elif WGC == 3
 #define PRODUCER_REGS 56
 #define CONSUMER_REGS 152
-#elif WGC == 4 && CS == 1  // (the producer's cluster code needs more than 24)
+#elif WGC == 4 && CS == 1 && !QIN  // (the producer's cluster code and QIN need more than 24)
 #define PRODUCER_REGS 24
 #define CONSUMER_REGS 112
 #elif WGC == 4
@@ -105,6 +115,7 @@ static_assert((KS == 1 || KS == 2) && WGC % KS == 0, "KS splits the warpgroups i
 static_assert(!PINGPONG || (WGC == 2 && KS == 1), "PINGPONG takes turns between two consumer warpgroups");
 static_assert(!PIPE || (KS == 1 && !PINGPONG && !E4M3), "PIPE is for one warpgroup per slab on s8 steps");
 static_assert(!LEAN || (KS == 1 && !PINGPONG && !E4M3 && !PIPE), "LEAN is for one warpgroup per slab on s8 steps");
+static_assert(!QIN || !E4M3, "QIN writes s8 activation bytes");
 
 #if CS > 1
 #define CLUSTER_ATTR __cluster_dims__(1, CS, 1)
@@ -334,10 +345,53 @@ struct LeanSteps {
 };
 #endif
 
+#if QIN
+// Producer warp q (0..QIN_WARPS-1, warps 1-3 of the producer warpgroup): steps j0 + q, j0 + q +
+// QIN_WARPS, ... of this CTA. For each of the tile's `rows` tokens the warp gathers the step's
+// 128 slots from x (reorder), quantizes them (quant.cuh) and writes what the bulk copies would
+// have brought: 128 bytes per token with the 128-byte swizzle, the scale into the token pair's
+// entry; then it makes the writes visible to wgmma (async proxy) and arrives on the stage's full
+// barrier (the weight copies complete the other arrival). The next step's slots are loaded one
+// step ahead, the first before the dependency wait (reorder is never written by a kernel).
+__device__ __forceinline__ void quantize_steps(unsigned char* smem, u64* full, u64* empty, const u16* __restrict__ x,
+                                               const int* __restrict__ reorder, int K, int G, int O, float clip,
+                                               int rows, int m0, int j0, int j1, int q, int lane) {
+  const int Kn = G * 128;
+  Slots sl = {{-1, -1, -1, -1}};
+  if (j0 + q < j1) sl = step_slots(reorder, j0 + q, G, Kn, O, lane);
+  grid_dependency_wait();  // x may be the output of the kernel before (programmatic launch)
+  const int p = 4 * lane;  // this lane's bytes [p, p + 4) of each token's 128
+  for (int j = j0 + q; j < j1; j += QIN_WARPS) {
+    const int it = j - j0, s = it % STAGES;
+    const Slots cur = sl;
+    if (j + QIN_WARPS < j1) sl = step_slots(reorder, j + QIN_WARPS, G, Kn, O, lane);
+    if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+    unsigned char* st = smem + s * STAGE_BYTES;
+    for (int r = 0; r < rows; ++r) {  // token m0 + r (m0 a multiple of 8: its swizzle row is r % 8)
+      const u16* xr = x + (size_t)(m0 + r) * K;
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = cur.idx[i] >= 0 ? to_float(xr[cur.idx[i]]) : 0.0f;
+      int qv[4];
+      const float scale = quantize_lane(v, j < G, clip, qv);
+      *(u32*)(st + r * 128 + ((((p >> 4) ^ (r & 7)) << 4) | (p & 15))) = pack4(qv[0], qv[1], qv[2], qv[3]);
+      if (lane == 0) *(float*)(st + SA_OFF + 16 * (r >> 1) + 4 * (r & 1)) = scale;
+    }
+    fence_proxy_async_shared();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&full[s]);
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_ATTR
 w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigned char* __restrict__ wpack,
           const u16* __restrict__ bias, u16* __restrict__ out, int M, int Mp, int N, int G, int has_outliers,
-          int slabs, int tiles_m, int tiles_n, int steps_per_split) {
+          int slabs, int tiles_m, int tiles_n, int steps_per_split
+#if QIN
+          , const u16* __restrict__ x, const int* __restrict__ reorder, int K, int O, float clip
+#endif
+) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Stages start 1024-byte aligned (the swizzle pattern is a function of the address); the
   // host allocates SMEM_BYTES = STAGES * STAGE_BYTES + 1024 + 16 * STAGES.
@@ -361,7 +415,7 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);
+      mbar_init(&full[s], 1 + QIN);  // the weight copies' arrival (+ the quantizing warp's)
       mbar_init(&empty[s], 4 * SL);  // the warps of the SL warpgroups that read the stage
     }
     mbar_init_fence();
@@ -369,29 +423,40 @@ w4a4_sm90(const i8* __restrict__ qa, const float* __restrict__ sa, const unsigne
   __syncthreads();
 
   if (warp >= 4 * WGC) {
-    // Producer: one thread issues every copy of every step of this CTA.
+    // Producer: one thread issues every copy of every step of this CTA (with QIN, the weights only;
+    // warps 1-3 quantize the activations).
     setmaxnreg_dec<PRODUCER_REGS>();
     if (warp == 4 * WGC && lane == 0) {
       const u64 keep = policy_evict_last(), stream = policy_evict_first();
       const int rows = min(BN, M - m0), srows = min(BN, Mp - m0);
       const int wgs = min(SL, slabs - tn * SL);  // slabs of this tile
+#if !QIN
       // After a programmatic dependent launch this CTA is set up while the activation
       // quantization still runs; everything it reads from here on may be that kernel's output.
       grid_dependency_wait();
+#endif  // (with QIN this thread reads only the weights: written at load time, never by the kernel
+        // just before this one, so no wait and the stream starts at launch)
       for (int j = j0; j < j1; ++j) {
         const int it = j - j0, s = it % STAGES;
         if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
         const u32 wbytes = j == G ? CHUNK8 : CHUNK4;
         unsigned char* st = smem + s * STAGE_BYTES;
-        mbar_arrive_expect_tx(&full[s], wgs * wbytes + rows * 128 + srows * 8);
+        mbar_arrive_expect_tx(&full[s], wgs * wbytes + (QIN ? 0 : rows * 128 + srows * 8));
         const unsigned char* wsrc = wpack + (size_t)tn * SL * slab + (size_t)j * CHUNK4;
 #pragma unroll
         for (int w = 0; w < SL; ++w)
           if (w < wgs) bulk_copy(st + W_OFF + w * CHUNK8, wsrc + w * slab, wbytes, &full[s], stream);
+#if !QIN
         bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);
         bulk_copy(st + SA_OFF, sa + ((size_t)j * Mp + m0) * 2, srows * 8, &full[s], keep);
+#endif
       }
     }
+#if QIN
+    else if (warp > 4 * WGC)
+      quantize_steps(smem, full, empty, x, reorder, K, G, O, clip, min(BN, M - m0), m0, j0, j1, warp - 4 * WGC - 1,
+                     lane);
+#endif
 #if CS > 1
     __syncwarp();
     cluster_sync_relaxed();  // the consumers' partial tiles are written (the producer wrote nothing)

@@ -149,3 +149,18 @@ def test_mid_table_entries_are_compiled_configs():
         assert bucket in (128, 256, 512, 1024) and bn in gp.SM90_ALL_WIDTHS and cs in gp.SM90_SPLITS
         assert (wgc, ks) in gp.sm90_shapes(bn)
         assert gp.Sm90Config(bn, wgc, gp.sm90_stages(bn, wgc, ks), cs, ks).smem_bytes <= gp.SM90_SMEM
+
+
+def test_qin_rule_and_its_compiled_configs(monkeypatch):
+    """QIN (the GEMM quantizes x itself) only up to SM90_QIN_MAX_M, never with e4m3; the configs
+    compiled up front then include the QIN twin of each plan it applies to, and no others."""
+    assert not any(gp.sm90_qin(m) for m in (0, 1, 2, 100))  # off by default
+    monkeypatch.setattr(gp, "SM90_QIN_MAX_M", 2)
+    assert [gp.sm90_qin(m) for m in (0, 1, 2, 3)] == [False, True, True, False]
+    cfgs = gp.sm90_configs(4096, 4096, 32, 132)
+    qin = {c for c in cfgs if c.qin}
+    assert qin == {gp.sm90_plan(m, 4096, 4096, 32, 132)[0]._replace(qin=1) for m in (1, 2)}
+    assert all(("QIN", 1) in c.defines() for c in qin) and not any(("QIN", 1) in c.defines() for c in cfgs - qin)
+    assert all(not c.qin for c in (gp.sm90_plan(m, 4096, 4096, 32, 132)[0] for m in (1, 2)))  # the GEMM op's plan
+    monkeypatch.setattr(gp, "SM90_E4M3_MIN_M", 0)
+    assert not gp.sm90_qin(1)

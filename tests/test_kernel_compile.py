@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from vllm_atom.kernels import _loader, cuda_ops, kv_int4  # noqa: E402
-from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_ALL_WIDTHS, SM90_SPLITS, SM90_WIDTHS, Sm90Config,  # noqa: E402
-                                         sm90_pipe_wgcs, sm90_shapes, sm90_stages)
+from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, SM90_ALL_WIDTHS, SM90_SPLITS, SM90_TUNED, SM90_WIDTHS,  # noqa: E402
+                                         Sm90Config, sm90_pipe_wgcs, sm90_plan, sm90_shapes, sm90_stages)
 
 ARCHS = ["sm_80", "sm_89", "sm_90a"]
 
@@ -67,6 +67,23 @@ def test_sm90_lean_gemm_compiles(bn, wgc, cs, bf16):
     cfg = Sm90Config(bn, wgc, sm90_stages(bn, wgc), cs, lean=1)
     assert ("LEAN", 1) in cfg.defines()
     assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
+
+
+# the configs the decode table gives M = 1 (table entries of width 8, as the plan adjusts them), with QIN
+QIN_CONFIGS = sorted({sm90_plan(1, n, k, k // 128, 132)[0]._replace(qin=1) for bn, n, k in SM90_TUNED if bn == 8})
+
+
+@pytest.mark.parametrize("bf16", [1, 0])
+@pytest.mark.parametrize("cfg", QIN_CONFIGS, ids=lambda c: f"{c.bn}-w{c.wgc}c{c.cs}k{c.ks}l{c.lean}")
+def test_sm90_qin_gemm_compiles(cfg, bf16):
+    """The one-launch Atom linear (QIN: the producer warpgroup quantizes x) on the decode table's
+    configs, the four-warpgroup one (its producer registers raised from 24 to 56) among them."""
+    assert ("QIN", 1) in cfg.defines()
+    assert _loader.compile_cubin("w4a4_sm90.cu", cfg.defines() + (("DTYPE_BF16", bf16),), "sm_90a")
+
+
+def test_qin_configs_cover_four_warpgroups():
+    assert {c.wgc for c in QIN_CONFIGS} >= {1, 2, 3, 4} and any(c.ks == 2 for c in QIN_CONFIGS)
 
 
 @pytest.mark.parametrize("threads", cuda_ops._ACT_BLOCKS)

@@ -21,7 +21,9 @@ The results are wrong by construction for every variant but "base": they only bo
     dir:PATH the kernel sources in directory PATH (e.g. an older cuda/ exported with git archive)
     NAME+capN  variant NAME with the quantization's staging cap cuda_ops.ACT_STAGE_BYTES at N MiB
              (wide rows on fewer CTAs of 1024 threads above it); NAME+oldsplit: no cap (256 threads,
-             the split of before v3.12); meaningful with --linear
+             the split of before v3.12); NAME+qinN: variant NAME with the quantization inside the GEMM
+             up to N tokens (gemm_plan.SM90_QIN_MAX_M = N: one launch, cuda/NOTES.md v3.13); both
+             meaningful with --linear
     linear   the unpatched kernel timed as the whole Atom linear (quantization + GEMM, as vLLM
              runs it: the GEMM a programmatic dependent launch); --linear times every variant so
     l2pf<N>  the producer prefetches its first N steps of weights into L2 before waiting for the
@@ -54,7 +56,7 @@ from vllm_atom.kernels import _loader, cuda_ops, gemm_plan, layout  # noqa: E402
 
 ISSUE = "#else\n    issue<BN, false>(c, a, smem_addr(smem + so));\n#endif\n"
 FOLD = "#else\n    fold<BN>(acc, c, sw, fa);\n#endif\n"
-EXPECT = "wgs * wbytes + rows * 128 + srows * 8"
+EXPECT = "wgs * wbytes + (QIN ? 0 : rows * 128 + srows * 8)"
 ACT_COPY = "        bulk_copy(st, qa + ((size_t)j * M + m0) * 128, rows * 128, &full[s], keep);\n"
 NO_MMA = ("#else\n#pragma unroll\n    for (int i = 0; i < NACC; ++i) c[i] = (int)a[i & 3][(i >> 2) & 3] + i;\n#endif\n")
 NO_FOLD = "#else\n    if (c[0] == 0x7fffffff) acc[0] += sw[0] * fa[0].x;\n#endif\n"
@@ -62,7 +64,7 @@ PATCHES = {
     "base": [],
     "nofold": [(FOLD, NO_FOLD)],
     "nomma": [(ISSUE, NO_MMA)],
-    "noact": [(EXPECT, "wgs * wbytes + srows * 8"), (ACT_COPY, "")],
+    "noact": [(EXPECT, "wgs * wbytes + (QIN ? 0 : srows * 8)"), (ACT_COPY, "")],
     "stream": [(ISSUE, NO_MMA), (FOLD, NO_FOLD)],
     "pp1": [("#define PINGPONG 0\n", "#define PINGPONG (WGC == 2)\n")],
 }
@@ -150,6 +152,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sm90-variants-"))
     cuda_dir = _loader.CUDA_DIR
     default_cut, default_lean, default_cap = gemm_plan.SM90_E4M3_MIN_M, gemm_plan.SM90_LEAN, cuda_ops.ACT_STAGE_BYTES
+    default_qin = gemm_plan.SM90_QIN_MAX_M
     dirs = {}
     for v in variants:
         name = v.partition("+")[0]
@@ -173,13 +176,14 @@ def main() -> None:
             xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(n_sets)]
             for v in variants:
                 name, _, host = v.partition("+")
-                if host not in ("", "oldsplit") and not (host.startswith("cap") and host[3:].isdigit()):
+                if host not in ("", "oldsplit") and not (host[:3] in ("cap", "qin") and host[3:].isdigit()):
                     raise SystemExit(f"variant {v}: unknown suffix +{host}")
                 use_kernels(dirs[name])
                 gemm_plan.SM90_E4M3_MIN_M = variant_cut(name, default_cut)
                 gemm_plan.SM90_LEAN = variant_lean(name, default_lean)
-                cuda_ops.ACT_STAGE_BYTES = (None if host == "oldsplit" else int(host[3:]) << 20 if host
-                                            else default_cap)
+                cuda_ops.ACT_STAGE_BYTES = (None if host == "oldsplit" else int(host[3:]) << 20
+                                            if host.startswith("cap") else default_cap)
+                gemm_plan.SM90_QIN_MAX_M = int(host[3:]) if host.startswith("qin") else default_qin
                 sets = [(x, *torch.ops.vllm_atom.quantize_act(x, reorder, o, cfg.a_clip, True), packs[i % n_w])
                         for i, x in enumerate(xs)]
                 if v == "linear" or args.linear:
@@ -200,6 +204,7 @@ def main() -> None:
     gemm_plan.SM90_E4M3_MIN_M = default_cut
     gemm_plan.SM90_LEAN = default_lean
     cuda_ops.ACT_STAGE_BYTES = default_cap
+    gemm_plan.SM90_QIN_MAX_M = default_qin
     shutil.rmtree(root)
     out = Path(args.out) / f"sm90-variants-{torch.cuda.get_device_name().split()[-1].lower()}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), commit=bench_gemm.commit(),

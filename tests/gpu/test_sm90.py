@@ -91,6 +91,60 @@ def test_atom_linear_sm90(m, shape, variant):
         check90(y, a, w, bias, steps, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(ALL_SHAPES))
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_qin_equals_two_launches(m, shape, dtype, monkeypatch):
+    """QIN (M <= SM90_QIN_MAX_M: the GEMM's producer warpgroup quantizes x, one launch) gives the
+    bits of the quantization launch + GEMM, poisoned outputs, and so the reference's bound."""
+    n, k = ALL_SHAPES[shape]
+    o = outliers(k)
+    gen = torch.Generator(device=DEV).manual_seed(7 * m + n + k)
+    x, idx = make_input(m, k, dtype, gen=gen)
+    w = make_weight(n, k, idx, gen=gen)
+    wpack = prepacked(w)
+    bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if n % 3 == 0 else None
+    steps = layout.sizes(k, o)[2]
+    two = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, bias, n, o, CFG.a_clip)
+    monkeypatch.setattr(gemm_plan, "SM90_QIN_MAX_M", 8)
+    assert gemm_plan.sm90_qin(m)
+    for value in (0xFF, 0x7F):
+        poison([((m, n), dtype)], value)
+        one = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, bias, n, o, CFG.a_clip)
+        assert torch.equal(one, two), f"{(one != two).sum().item()} of {one.numel()} outputs differ"
+    check90(one, ref_quantize(x, idx, o), w, bias, steps, 8)
+
+
+@pytest.mark.parametrize("cs", gemm_plan.SM90_SPLITS)
+@pytest.mark.parametrize("m,wgc,ks", [(m, *shape) for m in (1, 2) for shape in gemm_plan.sm90_shapes(8)])
+def test_qin_every_cluster_split(m, wgc, ks, cs, monkeypatch):
+    """QIN on every decode config (table entry forced): 1-4 consumer warpgroups, one or two per
+    slab, the cluster split of 1-8 CTAs (each CTA's quantizing warps take its own K range)."""
+    n, k = SHAPES["llama2-7b-down"]
+    o = outliers(k)
+    x, idx = make_input(m, k)
+    w = make_weight(n, k, idx)
+    wpack = prepacked(w)
+    monkeypatch.setitem(gemm_plan.SM90_TUNED, (8, n, k), (wgc, cs, ks))
+    two = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    monkeypatch.setattr(gemm_plan, "SM90_QIN_MAX_M", 2)
+    one = torch.ops.vllm_atom.atom_linear_sm90(x, wpack, idx, None, n, o, CFG.a_clip)
+    assert torch.equal(one, two)
+    check90(one, ref_quantize(x, idx, o), w, None, layout.sizes(k, o)[2], cs * ks)
+
+
+@pytest.mark.parametrize("shape", ["llama2-7b-o", "llama3-8b-down"])
+def test_cuda_graph_replay_qin(shape, monkeypatch):
+    monkeypatch.setattr(gemm_plan, "SM90_QIN_MAX_M", 1)
+    n, k = SHAPES[shape]
+    o = outliers(k)
+    x, idx = make_input(1, k)
+    wpack = prepacked(make_weight(n, k, idx))
+    args = (wpack, idx, None, n, o, CFG.a_clip)
+    ops.prepare_atom_linear_sm90(wpack, n, idx, x.dtype)
+    check_graph_replay(lambda x: torch.ops.vllm_atom.atom_linear_sm90(x, *args), x, lambda: make_input(1, k)[0])
+
+
 @pytest.mark.parametrize("signs", ["same", "opposite", "random"])
 @pytest.mark.parametrize("m", [1, 8, 200])
 def test_e4m3_extreme_integers_sum_exactly(m, signs, monkeypatch):

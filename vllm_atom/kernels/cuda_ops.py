@@ -17,7 +17,7 @@ import torch
 
 from vllm_atom.kernels import _loader, layout
 from vllm_atom.kernels.gemm_plan import (GEMM_CONFIGS, N_COUNTERS, SM90_SPLITS, Sm90Config, gemm_plan, sm90_configs,
-                                         sm90_e4m3, sm90_plan, sm90_stages)
+                                         sm90_e4m3, sm90_plan, sm90_qin, sm90_stages)
 
 ACT_THREADS = 256
 # act_split: the shared-memory staging, all CTAs of a quantization together, above which wide rows
@@ -287,6 +287,33 @@ def _check_wpack(wpack: torch.Tensor, n: int, steps: int | None = None) -> tuple
     return g, has_o
 
 
+def _launch_sm90(m: int, steps: int, wpack: torch.Tensor, bias, n: int, out_dtype: torch.dtype, device,
+                 acts: tuple, qin: bool) -> torch.Tensor:
+    """Plan and launch the wgmma GEMM; ``acts``: (qa, sa) pointers, or with ``qin`` the QIN
+    arguments (x, reorder, K, O, clip). Returns out [M, N]."""
+    g, has_o = _check_wpack(wpack, n, steps)
+    dev = device.index
+    sms = _check_device(dev)
+    _check_sm90(dev)
+    out = torch.empty((m, n), dtype=out_dtype, device=device)
+    bias = _bias(bias, n, out_dtype)
+    if m == 0:
+        return out
+    cfg, per_split = sm90_plan(m, n, layout.GROUP * steps, steps, sms, _cluster_slots(dev))
+    if qin:
+        cfg = cfg._replace(qin=1)
+    slabs = wpack.shape[0]
+    tiles_m, tiles_n = math.ceil(m / cfg.bn), math.ceil(slabs / cfg.slabs)
+    fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(out_dtype), dev)
+    args = ((0, 0) if qin else acts) + (
+        wpack.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), np.int32(m),
+        np.int32(layout.padded_tokens(m)), np.int32(n), np.int32(g), np.int32(int(has_o)), np.int32(slabs),
+        np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)) + (acts if qin else ())
+    # a programmatic dependent: set up while the quantization (or, with QIN, any kernel before) runs
+    _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1), args, cfg.smem_bytes, dev, dependent=1)
+    return out
+
+
 def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     if qa.dtype != torch.int8 or qa.dim() != 3 or qa.shape[2] != layout.GROUP or not qa.is_contiguous():
         raise ValueError(f"w4a4_gemm_sm90: qa must be contiguous int8 [steps, M, 128], got {qa.dtype} "
@@ -296,25 +323,21 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
     if sa.dtype != torch.float32 or tuple(sa.shape) != (steps, 2 * mp) or not sa.is_contiguous():
         raise ValueError(f"w4a4_gemm_sm90: sa must be contiguous fp32 [{steps}, {2 * mp}], got {sa.dtype} "
                          f"{list(sa.shape)}")
-    g, has_o = _check_wpack(wpack, n, steps)
-    dev = qa.device.index
-    sms = _check_device(dev)
-    _check_sm90(dev)
-    out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
-    bias = _bias(bias, n, out_dtype)
-    if m == 0:
-        return out
-    k = layout.GROUP * steps
-    cfg, per_split = sm90_plan(m, n, k, steps, sms, _cluster_slots(dev))
-    slabs = wpack.shape[0]
-    tiles_m, tiles_n = math.ceil(m / cfg.bn), math.ceil(slabs / cfg.slabs)
-    fn = _loader.kernel("w4a4_sm90.cu", "w4a4_sm90", cfg.defines() + _dtype_define(out_dtype), dev)
-    _loader.launch(fn, (tiles_m * tiles_n, cfg.cs, 1), (cfg.threads, 1, 1),
-                   (qa.data_ptr(), sa.data_ptr(), wpack.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                    out.data_ptr(), np.int32(m), np.int32(mp), np.int32(n), np.int32(g), np.int32(int(has_o)),
-                    np.int32(slabs), np.int32(tiles_m), np.int32(tiles_n), np.int32(per_split)),
-                   cfg.smem_bytes, dev, dependent=1)  # set up while the quantization runs
-    return out
+    return _launch_sm90(m, steps, wpack, bias, n, out_dtype, qa.device, (qa.data_ptr(), sa.data_ptr()), False)
+
+
+def _linear_sm90_qin(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
+    """The Atom linear as one QIN launch (`gemm_plan.sm90_qin`): the GEMM quantizes x itself."""
+    k = x.shape[-1]
+    if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
+        raise ValueError(f"atom_linear_sm90: reorder_index must be int32 [{k}], got {reorder_index.dtype} "
+                         f"{list(reorder_index.shape)}")
+    _dtype_define(x.dtype)
+    steps = layout.sizes(k, n_outliers)[2]
+    x, reorder_index = x.contiguous(), reorder_index.contiguous()  # alive until the launch
+    return _launch_sm90(x.shape[0], steps, wpack, bias, n, x.dtype, x.device,
+                        (x.data_ptr(), reorder_index.data_ptr(), np.int32(k), np.int32(n_outliers),
+                         np.float32(a_clip)), True)
 
 
 def w4a4_gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
@@ -322,6 +345,8 @@ def w4a4_gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
 
 
 def atom_linear_sm90(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
+    if x.dim() == 2 and sm90_qin(x.shape[0]):  # a token or two: one launch (size dispatch inside the op)
+        return _linear_sm90_qin(x, wpack, reorder_index, bias, n, n_outliers, a_clip)
     qa, sa = _quantize("act_quant", x, x.shape[-1], reorder_index, n_outliers, a_clip, sm90=True)
     return _gemm_sm90(qa, sa, wpack, bias, n, x.dtype)
 

@@ -63,7 +63,9 @@ class Sm90Config(NamedTuple):
     pipe: each warpgroup keeps a step's MMAs in flight while it folds the previous step (two
     accumulator sets; ks = 1, s8 only; up to `SM90_PIPE_MAX_WGC`).
     lean: the consumers' step loop on shared addresses kept in registers, the outlier step peeled
-    off (define LEAN; ks = 1, s8, no pipe; `SM90_LEAN`)."""
+    off (define LEAN; ks = 1, s8, no pipe; `SM90_LEAN`).
+    qin: the kernel quantizes the activations itself (define QIN: the whole Atom linear in one
+    launch, `sm90_qin`; s8 only). Only `atom_linear_sm90` launches it."""
 
     bn: int
     wgc: int
@@ -73,6 +75,7 @@ class Sm90Config(NamedTuple):
     e4m3: int = 0
     pipe: int = 0
     lean: int = 0
+    qin: int = 0
 
     @property
     def slabs(self) -> int:
@@ -88,7 +91,8 @@ class Sm90Config(NamedTuple):
 
     def defines(self) -> tuple[tuple[str, int], ...]:
         return (("BN", self.bn), ("WGC", self.wgc), ("STAGES", self.stages), ("CS", self.cs), ("KS", self.ks),
-                ("E4M3", self.e4m3)) + ((("PIPE", 1),) if self.pipe else ()) + ((("LEAN", 1),) if self.lean else ())
+                ("E4M3", self.e4m3)) + ((("PIPE", 1),) if self.pipe else ()) + ((("LEAN", 1),) if self.lean else ()) \
+            + ((("QIN", 1),) if self.qin else ())
 
     @property
     def stage_bytes(self) -> int:
@@ -151,6 +155,19 @@ def sm90_pipe_wgcs(bn: int) -> tuple[int, ...]:
 def sm90_e4m3(m: int) -> bool:
     """Whether M tokens run the e4m3 variant (activation layout and GEMM)."""
     return m >= SM90_E4M3_MIN_M
+
+
+# Up to this many tokens the Atom linear on sm90 is one kernel: the GEMM's producer warpgroup
+# gathers and quantizes the activations itself (`Sm90Config.qin`, cuda/w4a4_sm90.cu QIN), so no
+# quantization launch and no wait for one precede the weight stream. The gather reads x through
+# the reorder index once per CTA, which is cheap only for a token or two (cuda/NOTES.md v3.13).
+# 0: off (the default until measured); VLLM_ATOM_SM90_QIN_MAX_M sets it.
+SM90_QIN_MAX_M = int(os.environ.get("VLLM_ATOM_SM90_QIN_MAX_M", "0"))
+
+
+def sm90_qin(m: int) -> bool:
+    """Whether the Atom linear of M tokens quantizes inside the GEMM (never with e4m3)."""
+    return 0 < m <= SM90_QIN_MAX_M and not sm90_e4m3(m)
 
 
 def sm90_width(m: int) -> int:
@@ -316,9 +333,11 @@ def sm90_plan(m: int, n: int, k: int, steps: int, sms: int,
 
 def sm90_configs(n: int, k: int, steps: int, sms: int, slots: dict[int, int] | None = None,
                  max_m: int = 1 << 16) -> set[Sm90Config]:
-    """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front)."""
+    """Every config `sm90_plan` can pick for this layer at M <= max_m (to compile them up front),
+    with the `qin` ones `atom_linear_sm90` launches at M <= SM90_QIN_MAX_M."""
     bn = SM90_WIDTHS[-1]
     ms = set(range(1, bn + 1)) | {SM90_E4M3_MIN_M, SM90_LARGE_MIN_M}  # (the rules may cut inside a tile count)
     for tiles_m in range(2, math.ceil(max_m / bn) + 1):
         ms |= {(tiles_m - 1) * bn + 1, tiles_m * bn}
-    return {sm90_plan(m, n, k, steps, sms, slots)[0] for m in ms if 0 < m <= max(max_m, bn)}
+    plans = {m: sm90_plan(m, n, k, steps, sms, slots)[0] for m in ms if 0 < m <= max(max_m, bn)}
+    return set(plans.values()) | {cfg._replace(qin=1) for m, cfg in plans.items() if sm90_qin(m)}
