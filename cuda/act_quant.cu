@@ -23,7 +23,8 @@
 //                           in the group (0 for the outlier step); C only with E4M3 (the s8 GEMM
 //                           reads the scales alone), unwritten otherwise
 // Numerics are those of vllm_atom.reference.quantize_activation, operation for operation
-// (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit.
+// (IEEE division, rintf, no fast math), so the integers and scales match it bit for bit; one
+// step's arithmetic is quant.cuh, which w4a4_sm90.cu's in-GEMM quantization (QIN) shares.
 // Grid (M, ctas_per_row), THREADS threads (256; 1024 for wide rows, cuda_ops.act_split), dynamic
 // shared memory K*2 bytes; CTA y quantizes steps [y*steps_per_cta, (y+1)*steps_per_cta) of row
 // blockIdx.x (a step = a group or the outliers), warp w the steps y*steps_per_cta + w + i*WARPS.

@@ -18,7 +18,7 @@
 // With QIN=1 (decode, M <= gemm_plan.SM90_QIN_MAX_M) qa and sa are not read: the kernel takes
 //   x     T     [M, K]     the activations, rows contiguous;  reorder int32 [K] (act_quant.cu's)
 // and warps 1-3 of the producer warpgroup quantize them into the stages themselves (quant.cuh,
-// the integers and scales of act_quant.cu with SM90_LAYOUT, bit for bit), so no quantization
+// the code of act_quant.cu: its SM90_LAYOUT integers and scales), so no quantization
 // launch precedes the GEMM and the weight stream starts before the dependency wait.
 // Math: per step an exact int32 dot product on tensor cores (wgmma m64nBNk32 s8, INT4 weights
 // expanded in registers to 16*w), folded into fp32 as acc += (isum * sw) * sa with an integer
