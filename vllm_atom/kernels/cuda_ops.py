@@ -85,12 +85,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 # ---- activation quantization ----
 
+def _check_reorder(name: str, reorder_index: torch.Tensor, k: int) -> None:
+    if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
+        raise ValueError(f"{name}: reorder_index must be int32 [{k}], got {reorder_index.dtype} {list(reorder_index.shape)}")
+
+
 def _quantize(name: str, x: torch.Tensor, k: int, reorder_index: torch.Tensor, n_outliers: int,
               a_clip: float, extra: tuple = (), sm90: bool = False, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be 2-D, got {list(x.shape)}")
-    if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
-        raise ValueError(f"{name}: reorder_index must be int32 [{k}], got {reorder_index.dtype} {list(reorder_index.shape)}")
+    _check_reorder(name, reorder_index, k)
     kn, ka, steps = layout.sizes(k, n_outliers)
     dev = x.device.index
     sms = _check_device(dev)
@@ -329,9 +333,7 @@ def _gemm_sm90(qa, sa, wpack, bias, n, out_dtype):
 def _linear_sm90_qin(x, wpack, reorder_index, bias, n, n_outliers, a_clip):
     """The Atom linear as one QIN launch (`gemm_plan.sm90_qin`): the GEMM quantizes x itself."""
     k = x.shape[-1]
-    if reorder_index.shape != (k,) or reorder_index.dtype != torch.int32:
-        raise ValueError(f"atom_linear_sm90: reorder_index must be int32 [{k}], got {reorder_index.dtype} "
-                         f"{list(reorder_index.shape)}")
+    _check_reorder("atom_linear_sm90", reorder_index, k)
     _dtype_define(x.dtype)
     steps = layout.sizes(k, n_outliers)[2]
     x, reorder_index = x.contiguous(), reorder_index.contiguous()  # alive until the launch
